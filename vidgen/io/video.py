@@ -1,4 +1,4 @@
-"""Video read/write with PyAV: H.264 mp4 encoding (files or bytes) and whole-file decoding.
+"""Video read/write with PyAV: H.264 mp4 encoding (files or bytes), whole-file and streamed decoding, images.
 
 Frames are uint8 numpy arrays shaped [T, H, W, 3] (RGB).
 """
@@ -9,6 +9,7 @@ import io
 import os
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterator
 
 import av
 import numpy as np
@@ -19,6 +20,11 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
 def _fps_fraction(fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(1001)
+
+
+def encoded_fps(fps: float) -> float:
+    """The frame rate encode_video actually writes for `fps` (a fraction with denominator <= 1001)."""
+    return float(_fps_fraction(fps))
 
 
 def encode_video(frames: np.ndarray, fps: float, crf: int = 18, codec: str = "libx264") -> bytes:
@@ -64,3 +70,49 @@ def read_video(source: str | os.PathLike | bytes) -> tuple[np.ndarray, float]:
     if not frames:
         raise ValueError(f"no decodable frames in {source if not isinstance(source, bytes) else '<bytes>'}")
     return np.stack(frames), fps
+
+
+def capped_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """Output (width, height) with the longer side at most `max_side`, aspect kept, both sides even (>= 2)."""
+    scale = min(1.0, max_side / max(width, height)) if max_side else 1.0
+    # Round to the nearest even size: yuv420p subsamples chroma 2x2, so H.264 needs even sides.
+    return max(2, int(round(width * scale / 2)) * 2), max(2, int(round(height * scale / 2)) * 2)
+
+
+def probe_video(path: str | os.PathLike) -> tuple[float, int, int]:
+    """Header info of a video file -> (fps, width, height); raises on an unreadable file."""
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError(f"no video stream in {path}")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        return fps, stream.codec_context.width, stream.codec_context.height
+
+
+def iter_frames(path: str | os.PathLike, size: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
+    """Decode a video file frame by frame -> RGB uint8 [H, W, 3], resized to `size` = (W, H) if given.
+
+    Streams, so memory stays bounded for any length; resizing uses area averaging (no aliasing
+    when downscaling) inside libswscale, which is much cheaper than resizing in numpy.
+    """
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for frame in container.decode(stream):
+            if size is None:
+                yield frame.to_ndarray(format="rgb24")
+            else:
+                yield frame.reformat(width=size[0], height=size[1], format="rgb24",
+                                     interpolation="AREA").to_ndarray()
+
+
+def read_image(path: str | os.PathLike, max_side: int | None = None) -> np.ndarray:
+    """Read an image as a 1-frame video -> RGB uint8 [1, H, W, 3], capped to `max_side` with even sides."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img).convert("RGB")  # honour camera rotation; drop alpha
+        w, h = capped_size(img.width, img.height, max_side)
+        if (w, h) != img.size:
+            img = img.resize((w, h), Image.Resampling.BOX if w < img.width else Image.Resampling.BICUBIC)
+        return np.asarray(img, dtype=np.uint8)[None]

@@ -38,10 +38,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def newest_checkpoint(folder: str | os.PathLike) -> Path | None:
-    """The most recently written checkpoint (`*.ckpt` file or sharded folder) in `folder`, or None."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    found = [p for p in folder.iterdir() if p.suffix == ".ckpt" and not p.name.startswith(".")]
+def newest_checkpoint(*folders: str | os.PathLike) -> Path | None:
+    """The most recently written checkpoint (`*.ckpt` file or sharded folder) in any of `folders`, or None.
+
+    Temporary files of an interrupted atomic write start with "." and are never picked.
+    """
+    found = [p for folder in map(Path, folders) if folder.is_dir()
+             for p in folder.iterdir() if p.suffix == ".ckpt" and not p.name.startswith(".")]
     return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name)) if found else None

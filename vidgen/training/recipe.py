@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from vidgen.training.parallelize import parallelize
 from vidgen.training.checkpoint import AtomicCheckpointIO, load_checkpoint, newest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -18,13 +19,16 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message names the setting and what was expected."""
 
 
-def resolve_resume(resume: str | None, ckpt_dir: Path) -> str | None:
-    """`null` -> None, `auto` -> newest checkpoint in `ckpt_dir` (None if there is none), else the path."""
+def resolve_resume(resume: str | None, output_dir: Path) -> str | None:
+    """`null` -> None; `auto` -> the newest checkpoint of the run folder (None if none); else that path.
+
+    `auto` looks in `output_dir/checkpoints` (periodic, last, preempted) and `output_dir` (SLURM `hpc_ckpt_N`).
+    """
     if resume in (None, "", "none", "null"):
         return None
     if resume == "auto":
-        found = newest_checkpoint(ckpt_dir)
-        log.info("resume=auto: %s", f"continuing from {found}" if found else f"no checkpoint in {ckpt_dir}, starting fresh")
+        found = newest_checkpoint(output_dir / "checkpoints", output_dir)
+        log.info("resume=auto: %s", f"continuing from {found}" if found else f"no checkpoint in {output_dir}, starting fresh")
         return str(found) if found else None
     path = Path(resume)
     if not path.exists():
@@ -71,12 +75,13 @@ def train(cfg: DictConfig) -> pl.Trainer:
     """Seed, instantiate data / module / callbacks / loggers / trainer, resume if asked, fit."""
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_resume(cfg.get("resume"), output_dir / "checkpoints")
+    ckpt_path = resolve_resume(cfg.get("resume"), output_dir)
     if ckpt_path:
         check_checkpoint_kind(ckpt_path, cfg.task.name)
 
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.task.module)
+    parallelize(module, **cfg.get("scale", {}))
     callbacks = [RunMetadata(cfg), *_instantiate_dict(cfg.get("callbacks"))]
     loggers = _instantiate_dict(cfg.get("logger"))
     plugins = [AtomicCheckpointIO()] if _uses_plain_files(cfg.trainer) else []

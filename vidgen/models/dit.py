@@ -1,0 +1,195 @@
+"""Video diffusion transformer (DiT) in the Wan 2.1 layout: predicts the flow velocity of a latent video.
+
+    v = DiT(...)(z, t, context, context_mask)
+      z        [B, C, T, H, W]   noisy latent (T latent frames)
+      t        [B] or [B, T]     flow time in [0, 1] (0 = clean, 1 = noise), per sample or per latent frame
+      context  [B, L, text_dim]  text token embeddings; context_mask [B, L] bool (True = real token) or None
+      v        [B, C_out, T, H, W]
+
+Pipeline: Conv3d patchify (patch (1, 2, 2)) -> `depth` x DiTBlock [adaLN-modulated self-attention with
+3D RoPE + QK RMS-norm, cross-attention to the text, adaLN-modulated GELU MLP] -> final LayerNorm +
+modulation -> zero-initialised linear -> unpatchify. Timestep conditioning (Peebles & Xie 2023, adaLN):
+sinusoid(t * timestep_scale) -> MLP -> `temb [.., D]` -> SiLU -> Linear -> 6 vectors per block, plus a
+learned per-block offset (`scale_shift_table`, Wan 2.1). With per-frame `t` every latent frame gets its own
+modulation, broadcast over that frame's tokens: this is what image-to-video / extension / streaming use
+(clean frames at t = 0, see `vidgen/diffusion`).
+
+Parameter names mirror diffusers' `WanTransformer3DModel` (see `vidgen/io/convert_wan_dit.py`, which only
+renames `to_out.0` and the MLP), and `t` is scaled by 1000 before the sinusoid as Wan does, so published
+Wan 2.1 weights load and reproduce diffusers' output. Imported Wan weights expect the text context the
+way Wan feeds it: UMT5-XXL embeddings zero-padded to 512 tokens with `context_mask=None`.
+
+For scale: `gradient_checkpointing = True` recomputes each block in backward; `DiT.block_class` is the FSDP
+wrap unit; `t` can be any float tensor (no graph breaks under `torch.compile`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vidgen.models.layers import Attention, FeedForward, FP32LayerNorm, RotaryEmbedding3D, gate, modulate, \
+    timestep_embedding
+from vidgen.models.pretrained import PretrainedMixin, capture_config
+
+
+class MLPEmbedder(nn.Module):
+    """Two-layer MLP `[..., in] -> [..., out]` (diffusers' TimestepEmbedding / PixArtAlphaTextProjection)."""
+
+    def __init__(self, in_dim: int, out_dim: int, act: nn.Module):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.act = act
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class ConditionEmbedder(nn.Module):
+    """Time and text embedding: t `[B, F]` -> (temb `[B, F, D]`, mod `[B, F, 6, D]`); text `[B, L, Dt] -> [B, L, D]`."""
+
+    def __init__(self, dim: int, freq_dim: int, text_dim: int, timestep_scale: float):
+        super().__init__()
+        self.freq_dim, self.timestep_scale = freq_dim, timestep_scale
+        self.time_embedder = MLPEmbedder(freq_dim, dim, nn.SiLU())
+        self.time_proj = nn.Linear(dim, 6 * dim)  # applied after SiLU(temb), as Wan's `time_projection`
+        self.text_embedder = MLPEmbedder(text_dim, dim, nn.GELU(approximate="tanh"))
+
+    def time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t `[B, F]` -> temb `[B, F, D]`, per-block modulation `[B, F, 6, D]` (float32 for bf16 stability)."""
+        freq = timestep_embedding(t * self.timestep_scale, self.freq_dim)  # [B, F, freq_dim]
+        temb = self.time_embedder(freq.to(self.time_embedder.linear_1.weight.dtype))
+        mod = self.time_proj(nn.functional.silu(temb))
+        return temb.float(), rearrange(mod.float(), "b f (six d) -> b f six d", six=6)
+
+
+class DiTBlock(nn.Module):
+    """One transformer block `[B, N, D] -> [B, N, D]` (Wan 2.1 block), modulated per latent frame."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, cross_attn_norm: bool = True, qk_norm: bool = True,
+                 eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.attn1 = Attention(dim, num_heads, qk_norm=qk_norm, eps=eps)
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        self.attn2 = Attention(dim, num_heads, qk_norm=qk_norm, eps=eps)
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = FeedForward(dim, ffn_dim)
+        # Learned offsets added to the shared timestep modulation: each block gets its own adaLN.
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None,
+                mod: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
+        """x `[B, F*S, D]`, context `[B, L, D]`, mod `[B, F, 6, D]` (F = 1: one t per sample), rope `[F*S, Dh/2]`."""
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.scale_shift_table[:, None] + mod).unbind(dim=2)
+        # Residual stream and modulation in float32 (as Wan), sub-layers in the input dtype.
+        h = modulate(self.norm1(x.float()), shift_sa, scale_sa).type_as(x)
+        x = (x.float() + gate(self.attn1(h, rope=(rope_cos, rope_sin)).float(), gate_sa)).type_as(x)
+        h = self.norm2(x.float()).type_as(x)
+        x = x + self.attn2(h, context, mask=context_mask)
+        h = modulate(self.norm3(x.float()), shift_ff, scale_ff).type_as(x)
+        x = (x.float() + gate(self.ffn(h).float(), gate_ff)).type_as(x)
+        return x
+
+
+class DiT(nn.Module, PretrainedMixin):
+    """Latent video DiT: `forward(z [B,C,T,H,W], t [B]|[B,T], context [B,L,text_dim], mask [B,L]) -> v [B,C_out,T,H,W]`.
+
+    Args: in_channels / out_channels (None = in_channels): latent channels (wire to the VAE's latent channels);
+    dim, depth, num_heads: width, number of blocks, attention heads (head dim = dim / num_heads);
+    ffn_dim: MLP hidden width (None = 4 * dim); text_dim: width of the text encoder output (wire to it);
+    freq_dim: sinusoid width for t; patch_size: (pt, ph, pw); cross_attn_norm / qk_norm / eps: as Wan 2.1;
+    rope_theta: RoPE base; timestep_scale: t in [0, 1] is multiplied by this before the sinusoid (1000 = Wan);
+    gradient_checkpointing: recompute blocks in backward (also settable as an attribute).
+    """
+
+    block_class = DiTBlock  # FSDP / activation-checkpoint wrap unit
+
+    def __init__(self, in_channels: int = 16, out_channels: int | None = None, dim: int = 384, depth: int = 12,
+                 num_heads: int = 6, ffn_dim: int | None = None, text_dim: int = 256, freq_dim: int = 256,
+                 patch_size: Sequence[int] = (1, 2, 2), cross_attn_norm: bool = True, qk_norm: bool = True,
+                 eps: float = 1e-6, rope_theta: float = 10000.0, timestep_scale: float = 1000.0,
+                 gradient_checkpointing: bool = False):
+        super().__init__()
+        self.config = capture_config(DiT, locals())
+        self.in_channels = in_channels
+        self.out_channels = out_channels or in_channels
+        self.dim, self.num_heads = dim, num_heads
+        self.patch_size = tuple(int(p) for p in patch_size)
+        if len(self.patch_size) != 3:
+            raise ValueError(f"patch_size must be (pt, ph, pw), got {patch_size}")
+        self.gradient_checkpointing = gradient_checkpointing
+
+        self.rope = RotaryEmbedding3D(dim // num_heads, theta=rope_theta)
+        self.patch_embedding = nn.Conv3d(in_channels, dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.condition_embedder = ConditionEmbedder(dim, freq_dim, text_dim, timestep_scale)
+        self.blocks = nn.ModuleList([
+            DiTBlock(dim, num_heads, ffn_dim or 4 * dim, cross_attn_norm, qk_norm, eps) for _ in range(depth)
+        ])
+        self.norm_out = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, self.out_channels * math.prod(self.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """DiT init: xavier linears, zero biases, N(0, 0.02) time MLP, zero output projection (v = 0 at init)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embedding.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer over the flattened patch
+        nn.init.zeros_(self.patch_embedding.bias)
+        for lin in (self.condition_embedder.time_embedder.linear_1, self.condition_embedder.time_embedder.linear_2):
+            nn.init.normal_(lin.weight, std=0.02)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def frame_times(self, t: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
+        """t `[B]` -> `[B, 1]`; per-frame t `[B, T]` -> `[B, T / pt]` (a temporal patch takes its first frame's t)."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=self.patch_embedding.weight.device)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.ndim == 1:
+            return rearrange(t.expand(batch), "b -> b 1")
+        if t.shape != (batch, frames):
+            raise ValueError(f"per-frame t must be [B, T] = [{batch}, {frames}], got {list(t.shape)}")
+        return t[:, :: self.patch_size[0]]  # frames in one temporal patch share a token, hence one t
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                context_mask: torch.Tensor | None = None, frame_offset: int = 0) -> torch.Tensor:
+        """Velocity `[B, C_out, T, H, W]` of latent z `[B, C, T, H, W]` at flow time t `[B]` or `[B, T]`.
+
+        `frame_offset` shifts the temporal RoPE positions (a window that starts at latent frame `frame_offset`).
+        """
+        b, c, frames, height, width = z.shape
+        pt, ph, pw = self.patch_size
+        if c != self.in_channels or frames % pt or height % ph or width % pw:
+            raise ValueError(f"latent {list(z.shape)} does not fit in_channels={self.in_channels}, "
+                             f"patch_size={self.patch_size} (T, H, W must be multiples of the patch)")
+        f, h, w = frames // pt, height // ph, width // pw
+
+        x = self.patch_embedding(z)
+        x = rearrange(x, "b d f h w -> b (f h w) d")  # tokens, frame-major
+        temb, mod = self.condition_embedder.time(self.frame_times(t, b, frames))  # [B, F', D], [B, F', 6, D]
+        context = self.condition_embedder.text_embedder(context)  # [B, L, D]
+        rope_cos, rope_sin = self.rope(f, h, w, offset=(frame_offset // pt, 0, 0), device=z.device)
+
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, context, context_mask, mod, rope_cos, rope_sin, use_reentrant=False)
+            else:
+                x = block(x, context, context_mask, mod, rope_cos, rope_sin)
+
+        shift, scale = (self.scale_shift_table[:, None] + temb[:, :, None]).unbind(dim=2)  # [B, F', D] each
+        x = modulate(self.norm_out(x.float()), shift, scale).type_as(x)
+        x = self.proj_out(x)  # [B, N, pt*ph*pw*C_out]
+        return rearrange(x, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
+                         f=f, h=h, w=w, pt=pt, ph=ph, pw=pw)
