@@ -45,3 +45,21 @@ def demo_shards(tmp_path_factory, demo_input) -> Path:
     build_shards(input_dir=demo_input, output_dir=out, max_side=128, min_frames=17, max_frames=33,
                  shard_size=4, workers=1, seed=0, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_export(tmp_path_factory) -> Path:
+    """A tiny random causal VAE (configs/model/vae/tiny.yaml) exported with latent statistics, as export_vae writes."""
+    from omegaconf import OmegaConf
+
+    from vidgen.models.vae import VideoVAE
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "model" / "vae" / "tiny.yaml")
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg).items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    vae = VideoVAE(**kwargs)
+    c = kwargs["latent_channels"]
+    vae.set_latent_stats(torch.linspace(-0.1, 0.1, c), torch.linspace(0.5, 1.5, c))
+    folder = tmp_path_factory.mktemp("tiny_vae") / "export"
+    vae.save_pretrained(folder)
+    return folder

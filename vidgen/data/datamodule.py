@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 
 from vidgen.data.buckets import BucketAssigner, batch_sizes_per_bucket, parse_buckets
 from vidgen.data.decode import resolve_backend
+from vidgen.data.position import DataPositionMixin
 from vidgen.data.pipeline import ClipLoader, build_clip_dataset, node_info
 from vidgen.data.shards import DataConfigError, ShardSet, resolve_shards, split_validation
 
@@ -31,7 +32,7 @@ def _plain(value):
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
-class ClipDataModule(pl.LightningDataModule):
+class ClipDataModule(DataPositionMixin, pl.LightningDataModule):
     """Lightning data module over clip shards: bucketed, seeded per (seed, epoch), corrupt samples counted.
 
     Batches: {"video" [B, 3, T, H, W] float32 in [-1, 1], "caption" list[str], "key" list[str], "fps" [B]}.
@@ -156,6 +157,7 @@ class ClipDataModule(pl.LightningDataModule):
         if self.train_set is None:
             self.setup("fit")
         self._train_loader = self._loader(self.train_set, train=True, setting="data.train_shards")
+        self.apply_resume_position(self._train_loader)
         return self._train_loader
 
     def val_dataloader(self) -> ClipLoader | list:

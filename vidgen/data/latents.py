@@ -27,6 +27,7 @@ from vidgen.data.latent_shards import (FORMAT_VERSION, LATENT_MEMBER, MANIFEST_N
 from vidgen.data.pipeline import (ClipDataset, ClipLoader, NodeSplit, PipelineState, SampleShuffle, ShardSource,
                                   TarSamples, node_info)
 from vidgen.data.shards import DataConfigError, ShardSet, resolve_shards, split_validation
+from vidgen.data.position import DataPositionMixin
 from vidgen.data.stats import STATS_KEY, WorkerCounts
 from vidgen.diffusion.flow import pad_tokens
 
@@ -125,7 +126,7 @@ def build_latent_dataset(urls: Sequence[str], *, batch_sizes: Mapping[str, int],
 
 
 # ---- the data module --------------------------------------------------------------------------------------------
-class LatentDataModule(pl.LightningDataModule):
+class LatentDataModule(DataPositionMixin, pl.LightningDataModule):
     """Lightning data module over latent shards; checks at setup that they were made by the run's VAE.
 
     shards / val_shards / val_split: as ClipDataModule's train_shards / val_shards / val_split.
@@ -254,6 +255,7 @@ class LatentDataModule(pl.LightningDataModule):
         if self.train_set is None:
             self.setup("fit")
         self._train_loader = self._loader(self.train_set, True, "data.shards")
+        self.apply_resume_position(self._train_loader)
         return self._train_loader
 
     def val_dataloader(self) -> ClipLoader | list:

@@ -267,11 +267,20 @@ class ClipLoader(wds.WebLoader):
                          persistent_workers=False, pin_memory=pin_memory, **kwargs)
         self.clip_dataset, self.stats, self.num_batches = dataset, LoaderStats(), None
         self.epoch, self._epoch_fn = -1, epoch_fn
+        self._skip: tuple[int, int] | None = None  # (epoch, batches): resume inside that epoch
 
     def with_epoch(self, nbatches: int) -> "ClipLoader":
         """Make every pass exactly `nbatches` batches (for the infinite resampled stream)."""
         self.num_batches = int(nbatches)
         return self
+
+    def skip_batches(self, epoch: int, batches: int) -> None:
+        """On the pass of `epoch`, drop its first `batches` batches (a resumed run continues where it stopped).
+
+        The skipped batches are read and dropped in the main process: exact (the same batches as an
+        uninterrupted run, since every random choice is seeded by (seed, epoch, key)), at the cost of reading them.
+        """
+        self._skip = (int(epoch), int(batches)) if batches > 0 else None
 
     def set_epoch(self, epoch: int) -> None:
         """Use this epoch for the next pass (otherwise: `epoch_fn()` if given, else the previous one + 1)."""
@@ -287,7 +296,9 @@ class ClipLoader(wds.WebLoader):
         self.epoch = self._epoch_fn() if self._epoch_fn is not None else self.epoch + 1
         self.clip_dataset.state.epoch = self.epoch
         self.stats.start_pass()
-        produced = 0
+        skip = self._skip[1] if self._skip and self._skip[0] == self.epoch else 0
+        self._skip = None
+        produced = skip if self.num_batches is not None else 0  # skipped batches count towards a fixed length
         while True:
             got = 0
             for item in iter(self.pipeline[0]):  # the torch DataLoader
@@ -296,6 +307,9 @@ class ClipLoader(wds.WebLoader):
                 if not item:  # a stats-only item (the end of a worker's pass); batches may be video or latent
                     continue
                 got += 1
+                if skip:
+                    skip -= 1
+                    continue
                 produced += 1
                 yield item
                 if self.num_batches is not None and produced >= self.num_batches:

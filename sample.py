@@ -1,0 +1,103 @@
+"""Sample videos from a DiT: `python sample.py ckpt=PATH prompt="..."` (see configs/sample.yaml for every option).
+
+`ckpt` is a DiT Lightning checkpoint or an export folder (python -m vidgen.training.export_dit). Writes per prompt
+`NAME.mp4`, `NAME.png` (contact sheet) and `NAME.json` (the exact settings) under `out_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+import vidgen.config  # noqa: F401  (registers the config resolvers)
+
+
+def read_prompts(cfg: DictConfig) -> list[dict]:
+    """[{"prompt", "seed", "name"?}] from `prompt` or `prompts_file` (plain lines or JSONL)."""
+    from vidgen.sampling_pipeline import SamplingError
+
+    if (cfg.prompt is None) == (cfg.prompts_file is None):
+        raise SamplingError("give exactly one of prompt=... or prompts_file=PATH")
+    if cfg.prompt is not None:
+        return [{"prompt": str(cfg.prompt), "seed": int(cfg.seed)}]
+    path = Path(cfg.prompts_file)
+    if not path.is_file():
+        raise SamplingError(f"prompts_file={path}: no such file")
+    items = []
+    for i, line in enumerate(ln for ln in path.read_text().splitlines() if ln.strip()):
+        item = json.loads(line) if line.lstrip().startswith("{") else {"prompt": line.strip()}
+        if "prompt" not in item:
+            raise SamplingError(f"prompts_file={path}: line {i + 1} has no \"prompt\"")
+        items.append({**item, "seed": int(item.get("seed", cfg.seed + i))})
+    if not items:
+        raise SamplingError(f"prompts_file={path}: no prompts")
+    return items
+
+
+def read_media(cfg: DictConfig) -> tuple:
+    """The conditioning image (uint8 [1, H, W, 3]) and/or video (uint8 [T, H, W, 3]) files, or None."""
+    from vidgen.io.video import read_image, read_video
+    from vidgen.sampling_pipeline import SamplingError
+
+    for key in ("image", "video"):
+        if cfg[key] is not None and not Path(cfg[key]).is_file():
+            raise SamplingError(f"{key}={cfg[key]}: no such file")
+    image = read_image(cfg.image) if cfg.image is not None else None
+    video = read_video(cfg.video)[0] if cfg.video is not None else None
+    return image, video
+
+
+def run(cfg: DictConfig) -> list[Path]:
+    """Load the pipeline, generate every prompt in batches, write mp4 / png / json; returns the mp4 paths."""
+    from tqdm.auto import tqdm
+
+    from vidgen.sampling_pipeline import DiTPipeline, SamplingError, save_sample, slug
+
+    prompts = read_prompts(cfg)
+    image, video = read_media(cfg)
+    pipe = DiTPipeline.from_pretrained(cfg.ckpt, ema=cfg.ema, device=cfg.device, vae=cfg.vae)
+    default = pipe.info.get("default_shape") or [None, None, None]
+    num_frames, height, width = (cfg[k] if cfg[k] is not None else d
+                                 for k, d in zip(("num_frames", "height", "width"), default))
+    if None in (num_frames, height, width):
+        raise SamplingError("num_frames, height and width: not recorded with the checkpoint; set them")
+    pipe.latent_size(num_frames, height, width)  # bad sizes stop here, before any model runs
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    batches = [prompts[i:i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
+    for b, batch in enumerate(tqdm(batches, desc="prompts", disable=len(batches) == 1)):
+        out = pipe([p["prompt"] for p in batch], num_frames, height, width, steps=cfg.steps, guidance=cfg.guidance,
+                   negative_prompt=cfg.negative_prompt, seed=[p["seed"] for p in batch], sampler=cfg.sampler,
+                   shift=cfg.shift, image=image, video=video, video_frames=cfg.video_frames, progress=True)
+        for j, item in enumerate(batch):
+            index = b * cfg.batch_size + j
+            name = item.get("name") or f"{index:03d}_{slug(item['prompt'])}"
+            mp4, png = save_sample(out_dir / name, out.video[j], fps=cfg.fps)
+            settings = {"prompt": item["prompt"], "seed": item["seed"], **out.settings, "fps": cfg.fps,
+                        "ckpt": pipe.info.get("source"), "ema_used": pipe.info.get("ema_used"),
+                        "global_step": pipe.info.get("global_step"), "image": cfg.image, "video": cfg.video,
+                        "device": str(pipe.device)}
+            (out_dir / f"{name}.json").write_text(json.dumps(settings, indent=2))
+            written.append(mp4)
+    print(f"wrote {len(written)} video(s) (mp4 + png contact sheet + json settings) to {out_dir.resolve()}")
+    return written
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    from vidgen.sampling_pipeline import SamplingError
+
+    try:
+        run(cfg)
+    except (SamplingError, FileNotFoundError) as e:  # expected: bad settings / files -> one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""train.py (DiT) -> checkpoint -> sample.py end to end, export -> same samples, image-to-video, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from test_dit_training import make_tiny_vae_export
+from vidgen.io.video import read_video
+from vidgen.sampling_pipeline import DiTPipeline, SamplingError
+from vidgen.training.checkpoint import load_checkpoint
+from vidgen.training.export_dit import main as export_main
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}  # tiny models: 1 thread is fastest
+
+
+def run(script: str, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, script, *overrides], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=ENV)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_dir(tmp_path_factory) -> Path:
+    clips = torch.rand(2, 3, 5, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return make_tiny_vae_export(tmp_path_factory.mktemp("tiny_vae"), clips)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_shards, tiny_vae_dir) -> Path:
+    """`train.py experiment=quickstart_dit`, shrunk to a tiny DiT / 3 steps at 5x32x32; returns the run folder."""
+    tmp = tmp_path_factory.mktemp("dit_run")
+    out = run("train.py", "experiment=quickstart_dit", f"paths.root_dir={tmp}", f"hydra.run.dir={tmp}/run",
+              f"data.train_shards={demo_shards}", "data.buckets=[[5,32,32]]", f"task.module.vae_path={tiny_vae_dir}",
+              "model.dit.dim=32", "model.dit.depth=1", "model.dit.num_heads=2", "model.dit.ffn_dim=64",
+              "model.dit.freq_dim=32", "model.text.dim=32", "model.text.depth=1", "trainer.max_steps=3",
+              "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1",
+              "trainer.enable_progress_bar=false",
+              "callbacks.model_checkpoint.every_n_train_steps=3", "callbacks.sample_logging.prompts=[bikes]",
+              "callbacks.sample_logging.num_frames=5", "callbacks.sample_logging.height=32",
+              "callbacks.sample_logging.width=32", "callbacks.sample_logging.steps=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return tmp / "run"
+
+
+def test_checkpoint_describes_itself(trained, tiny_vae_dir):
+    ckpt = load_checkpoint(trained / "checkpoints" / "last.ckpt")  # weights_only=True
+    assert ckpt["vidgen"]["task"] == "dit" and ckpt["global_step"] == 3
+    assert ckpt["dit_config"]["in_channels"] == 4  # wired to the VAE export's latent channels
+    assert ckpt["vae"]["path"] == str(tiny_vae_dir.resolve()) and len(ckpt["vae"]["fingerprint"]) == 16
+    assert not any(k.startswith("vae") for k in ckpt["state_dict"])
+    assert "EMA" in ckpt["callbacks"]
+    metrics = (trained / "csv" / "metrics.csv").read_text()
+    assert "val/loss_t0.5" in metrics and "train/loss" in metrics
+    # the sample-logging callback ran at the end of training
+    assert sorted(p.suffix for p in (trained / "samples" / "step_0000003").iterdir()) == [".mp4", ".png"]
+
+
+def test_sample_py_writes_video_sheet_and_settings(trained, tmp_path):
+    out = run("sample.py", f"ckpt={trained}/checkpoints/last.ckpt", "prompt=bikes", "num_frames=5", "height=32",
+              "width=48", "steps=2", "seed=7", f"out_dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (mp4,) = tmp_path.glob("*.mp4")
+    frames, _ = read_video(mp4)
+    assert frames.shape == (5, 32, 48, 3)
+    assert mp4.with_suffix(".png").is_file()
+    settings = json.loads(mp4.with_suffix(".json").read_text())
+    assert settings["prompt"] == "bikes" and settings["seed"] == 7 and settings["steps"] == 2
+    assert settings["ema_used"] is True and settings["sampler"] == "euler" and settings["latent_shape"] == [4, 2, 4, 6]
+    assert str(tmp_path) in out.stdout
+
+
+def test_export_samples_equal_checkpoint_samples(trained, tmp_path):
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    folder = tmp_path / "export"
+    assert export_main([str(ckpt), str(folder)]) == 0  # python -m vidgen.training.export_dit CKPT OUT
+    assert json.loads((folder / "vidgen.json").read_text())["kind"] == "dit_export"
+    assert {p.name for p in folder.iterdir()} == {"vidgen.json", "dit", "text_encoder", "flow.json", "vae.json", "vae"}
+    kwargs = dict(prompts=["bikes", "bunny"], num_frames=5, height=32, width=32, steps=3, guidance=3.0, seed=11)
+    a = DiTPipeline.from_pretrained(ckpt, device="cpu")(**kwargs)
+    b = DiTPipeline.from_pretrained(folder, device="cpu")(**kwargs)
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.video, b.video)
+    raw = DiTPipeline.from_pretrained(ckpt, ema=False, device="cpu")(**kwargs)
+    assert not torch.equal(raw.latents, a.latents)  # EMA weights are what both sampled
+
+
+def test_image_to_video_holds_frame_zero(trained):
+    pipe = DiTPipeline.from_pretrained(trained / "checkpoints" / "last.ckpt", device="cpu")
+    image = np.random.default_rng(0).integers(0, 256, (1, 40, 40, 3), dtype=np.uint8)
+    out = pipe(["bikes"], num_frames=9, height=32, width=32, steps=2, image=image)
+    assert out.settings["num_clean_latent_frames"] == 1
+    assert torch.equal(out.latents[:, :, :1], pipe.encode_frames(image, 32, 32))
+    clip = np.random.default_rng(1).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    ext = pipe(["bikes"], num_frames=9, height=32, width=32, steps=2, video=clip, video_frames=5)
+    assert torch.equal(ext.latents[:, :, :2], pipe.encode_frames(clip[:5], 32, 32))
+
+
+def test_wrong_kind_checkpoint_is_one_line_and_exit_1(tmp_path):
+    vae_ckpt = tmp_path / "vae.ckpt"
+    torch.save({"vidgen": {"task": "vae", "config": {}}, "state_dict": {}}, vae_ckpt)
+    out = run("sample.py", f"ckpt={vae_ckpt}", "prompt=x", f"out_dir={tmp_path}")
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    expected = f"error: ckpt={vae_ckpt}: a 'vae' checkpoint, expected a 'dit' checkpoint or export folder"
+    assert out.returncode == 1 and lines == [expected], out.stderr
+
+
+def test_bad_settings_and_missing_inputs_are_sampling_errors(trained, tmp_path):
+    """What sample.py's main turns into one `error: ...` line and exit 1 (checked above for a wrong-kind ckpt)."""
+    from sample import run as sample_run
+
+    base = OmegaConf.load(ROOT / "configs" / "sample.yaml")
+    base.out_dir = str(tmp_path)
+    for key, value, needle in [("ckpt", str(tmp_path / "nope.ckpt"), "no such checkpoint"),
+                               ("prompts_file", str(tmp_path / "nope.txt"), "prompts_file="),
+                               ("image", str(tmp_path / "nope.png"), "image="),
+                               ("num_frames", 6, "num_frames=6: .* 1 \\+ 4k frames"),
+                               ("height", 40, "height=40, width=.*multiples of 16"),
+                               ("sampler", "ddim", "sampler=ddim")]:
+        cfg = base.copy()
+        cfg.ckpt = str(trained / "checkpoints" / "last.ckpt")
+        cfg.prompt = None if key == "prompts_file" else "x"
+        cfg.merge_with({"num_frames": 5, "height": 32, "width": 32, "steps": 1, key: value})
+        with pytest.raises(SamplingError, match=needle):
+            sample_run(cfg)
+
+
+def test_prompts_file_jsonl_with_seeds(trained, tmp_path):
+    from sample import run as sample_run
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "bikes", "seed": 5, "name": "a"}\n{"prompt": "bunny"}\n')
+    cfg = OmegaConf.load(ROOT / "configs" / "sample.yaml")
+    cfg.merge_with({"ckpt": str(trained / "checkpoints" / "last.ckpt"), "prompts_file": str(prompts),
+                    "num_frames": 1, "height": 32, "width": 32, "steps": 1, "batch_size": 2,
+                    "out_dir": str(tmp_path / "out")})
+    written = sample_run(cfg)
+    assert [p.name for p in written] == ["a.mp4", "001_bunny.mp4"]
+    assert json.loads((tmp_path / "out" / "001_bunny.json").read_text())["seed"] == 1  # seed + line index
