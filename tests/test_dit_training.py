@@ -118,15 +118,18 @@ def test_latent_batch_equals_video_batch(tiny_vae_dir, demo_batch):
     """Latent-shard batches (latent + text embeddings) give the same loss as encoding on the fly."""
     module = make_module(tiny_vae_dir).eval()
     with torch.no_grad():
+        module.dit.proj_out.weight.normal_(0, 0.2)  # a non-zero output: the loss depends on latents and text
         z = module.vae.encode(demo_batch["video"], normalize=True).mode()
         text = module.encode_text(demo_batch["caption"])
         ref = module.validation_step(demo_batch, 0)
         from_latent = module.validation_step({"latent": z, "caption": demo_batch["caption"]}, 0)
         from_emb = module.validation_step({"latent": z, "text_emb": text["context"],
                                            "text_mask": text["context_mask"]}, 0)
+        other_text = module.validation_step({"latent": z, "caption": ["something else"] * z.shape[0]}, 0)
     for k in ref:
         torch.testing.assert_close(from_latent[k], ref[k], rtol=0, atol=0)
         torch.testing.assert_close(from_emb[k], ref[k], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(other_text["val/loss"], ref["val/loss"])  # the text does reach the loss
 
 
 def test_clean_frame_mask_conditions_a_prefix(tiny_vae_dir):

@@ -3,6 +3,8 @@
     python -m vidgen.eval.vae vae=exports/vae shards=data/heldout_shards \
         [lpips_weights=PATH clips=64 frames=17 size=256 batch_size=1 chunk=4 tile=256 out=FOLDER device=cpu]
 
+Settings and their defaults: configs/eval_vae.yaml (`key=value` overrides, unknown keys are an error).
+
 Writes `out/report.md` (metrics table + settings) and `out/strip.png` (top row: original frames,
 bottom row: reconstructions, of the first clip). `out` defaults to `VAE_FOLDER/eval`.
 """
@@ -102,37 +104,47 @@ def write_report(out_dir: str | Path, results: dict[str, Any], settings: dict[st
     return out_dir / "report.md"
 
 
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "eval_vae.yaml"
+
+
+def load_settings(overrides: list[str]) -> dict[str, Any]:
+    """configs/eval_vae.yaml merged with `key=value` overrides; unknown or missing keys are one clear error."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.load(CONFIG)
+    bad = [o for o in overrides if "=" not in o]
+    unknown = sorted({o.split("=", 1)[0] for o in overrides if "=" in o} - set(base.keys()))
+    if bad or unknown:
+        raise SystemExit(f"eval_vae: unknown setting(s) {unknown or bad}; expected key=value with keys "
+                         f"{sorted(base.keys())} (see {CONFIG})")
+    cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+    missing = sorted(k for k in cfg if OmegaConf.is_missing(cfg, k))
+    if missing:
+        raise SystemExit(f"eval_vae: missing required setting(s) {', '.join(f'{k}=...' for k in missing)} (see {CONFIG})")
+    return OmegaConf.to_container(cfg)  # type: ignore[return-value]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """CLI entry point (see the module docstring)."""
+    """CLI entry point (see the module docstring); returns the metrics."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("args", nargs="+", help="vae=FOLDER shards=FOLDER [key=value ...]")
-    kv = dict(a.split("=", 1) for a in p.parse_args(argv).args if "=" in a)
-    allowed = {"vae", "shards", "lpips_weights", "clips", "frames", "size", "batch_size", "chunk", "tile", "out",
-               "device", "decoder"}
-    if set(kv) - allowed or not {"vae", "shards"} <= set(kv):
-        p.error(f"unknown {sorted(set(kv) - allowed)} / missing {sorted({'vae', 'shards'} - set(kv))}; "
-                f"allowed: {sorted(allowed)}")
+    p.add_argument("overrides", nargs="*", help="key=value settings of configs/eval_vae.yaml")
+    cfg = load_settings(p.parse_args(argv).overrides)
     from vidgen.training.export_vae import clip_batches
 
-    def opt_int(key: str) -> int | None:
-        return int(kv[key]) if kv.get(key) not in (None, "", "null", "none") else None
-
-    device = kv.get("device", "cuda" if torch.cuda.is_available() else "cpu")
-    vae = VideoVAE.from_pretrained(kv["vae"]).to(device).eval()
-    size = kv.get("size", "256")
-    hw = tuple(int(v) for v in size.lower().split("x")) if "x" in size.lower() else int(size)
-    frames = int(kv.get("frames", 17))
-    batches = clip_batches(kv["shards"], frames, hw, int(kv.get("batch_size", 1)), kv.get("decoder", "decord"))
+    device = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    vae = VideoVAE.from_pretrained(cfg["vae"]).to(device).eval()
+    size = str(cfg["size"]).lower()
+    hw = tuple(int(v) for v in size.split("x")) if "x" in size else int(size)
+    batches = clip_batches(str(cfg["shards"]), int(cfg["frames"]), hw, int(cfg["batch_size"]), cfg["decoder"])
     lpips = None
-    if kv.get("lpips_weights"):
+    if cfg["lpips_weights"]:
         from vidgen.eval.metrics import load_lpips
 
-        lpips = load_lpips(kv["lpips_weights"])
-    results = evaluate_vae(vae, batches, max_clips=int(kv.get("clips", 64)), lpips=lpips,
-                           chunk_size=opt_int("chunk"), tile_size=opt_int("tile"))
-    settings = {"vae": kv["vae"], "shards": kv["shards"], "bucket": f"{frames} frames at {size}", "device": device,
-                "chunk": opt_int("chunk"), "tile": opt_int("tile"), "lpips": kv.get("lpips_weights", "off (no weights)")}
-    report = write_report(kv.get("out", str(Path(kv["vae"]) / "eval")), results, settings)
+        lpips = load_lpips(cfg["lpips_weights"])
+    results = evaluate_vae(vae, batches, max_clips=int(cfg["clips"]), lpips=lpips, chunk_size=cfg["chunk"],
+                           tile_size=cfg["tile"])
+    settings = {**cfg, "device": device, "lpips_weights": cfg["lpips_weights"] or "off (no weights given)"}
+    report = write_report(cfg["out"] or Path(cfg["vae"]) / "eval", results, settings)
     summary = {k: v for k, v in results.items() if k != "strip"}
     print(f"{report}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return summary

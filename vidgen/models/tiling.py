@@ -57,10 +57,11 @@ def tiled_map(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile:
             oi, oj = round(i * scale), round(j * scale)
             th, tw = y.shape[-2:]
             wgt = ramp(th, oi, h_out, ov, y.device)[:, None] * ramp(tw, oj, w_out, ov, y.device)[None, :]  # [th, tw]
-            if out is None:
-                out = y.new_zeros((*y.shape[:-2], h_out, w_out))
+            if out is None:  # accumulate in fp32: bf16 sums of overlapping tiles would round visibly
+                out = torch.zeros((*y.shape[:-2], h_out, w_out), device=y.device, dtype=torch.float32)
                 weight = torch.zeros(h_out, w_out, device=y.device)
-            out[..., oi:oi + th, oj:oj + tw] += y * wgt.to(y.dtype)
+                dtype = y.dtype
+            out[..., oi:oi + th, oj:oj + tw] += y.float() * wgt
             weight[oi:oi + th, oj:oj + tw] += wgt
     assert out is not None and weight is not None
-    return out / weight.to(out.dtype)
+    return (out / weight).to(dtype)

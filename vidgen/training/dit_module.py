@@ -92,12 +92,15 @@ class DiTModule(pl.LightningModule):
     cond_prob / max_cond_frames: with probability `cond_prob` a sample is conditioned on its first k clean latent
     frames, k uniform in [1, max_cond_frames] (image-to-video and extension with the same model).
     val_t / val_seed: validation losses at these fixed flow times with noise seeded per batch index.
+    sample_posterior: train on posterior samples of the VAE (LDM practice) or on its mean (Wan 2.1 practice; better
+    for a briefly trained VAE whose posterior std is still large); validation always uses the mean.
+    vae_chunk_size: encode videos this many latent frames at a time (bounded memory for long clips).
     """
 
     def __init__(self, dit: DiT, text_encoder: nn.Module, vae_path: str | None, optimizer: partial,
                  scheduler: partial | None = None, flow: dict | None = None, cond_prob: float = 0.0,
                  max_cond_frames: int = 1, val_t: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9), val_seed: int = 0,
-                 vae_chunk_size: int | None = None) -> None:
+                 sample_posterior: bool = True, vae_chunk_size: int | None = None) -> None:
         super().__init__()
         # Hydra passes DictConfig / ListConfig: store plain values so checkpoints load with weights_only=True.
         flow, val_t = plain(flow or {}), [float(t) for t in val_t]
@@ -205,9 +208,10 @@ class DiTModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        # All randomness of the step from one generator seeded by (seed, step, rank): exact resume.
-        gen = step_generator(self.global_step, self.global_rank)
-        z = self.latents(batch, sample=True, generator=gen)
+        # All randomness of the step from one generator seeded by (seed, step, rank): exact resume. Outside a
+        # Trainer there is no step count to seed from: use the global RNG.
+        gen = step_generator(self.global_step, self.global_rank) if self._trainer is not None else None
+        z = self.latents(batch, sample=self.hparams.sample_posterior, generator=gen)
         cond = self.condition(batch, drop=True, generator=gen)
         clean = self.clean_frame_mask(z.shape[0], z.shape[2], z.device, generator=gen)
         loss = self.flow.loss(self.dit, z, cond, clean_frames=clean,

@@ -151,8 +151,13 @@ def main(argv: list[str] | None = None) -> None:
         batches = clip_batches(kv["shards"], int(kv.get("frames", 17)), hw, int(kv.get("batch_size", 1)),
                                kv.get("decoder", "decord"))
     chunk = int(kv["chunk"]) if kv.get("chunk") not in (None, "", "null", "none") else None
-    vae = export_vae(kv["ckpt"], kv["out"], use_ema=kv.get("ema", "true").lower() in ("1", "true", "yes"),
-                     batches=batches, stats_clips=stats_clips, chunk_size=chunk, device=kv.get("device", "cpu"))
+    try:
+        vae = export_vae(kv["ckpt"], kv["out"], use_ema=kv.get("ema", "true").lower() in ("1", "true", "yes"),
+                         batches=batches, stats_clips=stats_clips, chunk_size=chunk, device=kv.get("device", "cpu"))
+    except (FileNotFoundError, ValueError) as e:
+        hint = (f" (shards={kv.get('shards')}: no clip fits frames={kv.get('frames', 17)} size={kv.get('size', 256)};"
+                " pass a smaller size= or frames=)" if "no clips" in str(e) else "")
+        raise SystemExit(f"export_vae: error: {e}{hint}") from None
     stats = f"latent mean/std over {stats_clips} clips" if stats_clips else "no latent statistics (stats_clips=0)"
     print(f"exported {kv['out']}: {sum(p.numel() for p in vae.parameters()):,} parameters, "
           f"{'EMA' if vae.exported_from['ema'] else 'raw'} weights, {stats}")

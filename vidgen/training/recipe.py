@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -74,6 +75,8 @@ class RunMetadata(pl.Callback):
 def train(cfg: DictConfig) -> pl.Trainer:
     """Seed, instantiate data / module / callbacks / loggers / trainer, resume if asked, fit."""
     pl.seed_everything(cfg.seed, workers=True)
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_resume(cfg.get("resume"), output_dir)
     if ckpt_path:

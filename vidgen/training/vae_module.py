@@ -20,6 +20,7 @@ import torch
 
 from vidgen.eval.metrics import psnr, ssim
 from vidgen.models.vae import VideoVAE
+from vidgen.training.rng import step_generator
 from vidgen.training.losses import (PatchDiscriminator3D, ReconstructionLoss, adaptive_gan_weight, hinge_d_loss,
                                     hinge_g_loss)
 
@@ -80,7 +81,9 @@ class VAEModule(pl.LightningModule):
         hp = self.hparams
         disc_on = self.discriminator is not None and self.global_step >= hp.disc_start
 
-        recon, posterior = self.vae(x, sample_posterior=hp.sample_posterior)
+        # Posterior noise from a generator seeded by (seed, step, rank): a resumed run repeats it exactly.
+        recon, posterior = self.vae(x, sample_posterior=hp.sample_posterior,
+                                    generator=step_generator(self.global_step, self.global_rank))
         rec = self.rec_loss(x, recon)
         kl = posterior.kl().mean()
         loss = rec["rec"] + hp.kl_weight * kl
