@@ -49,7 +49,7 @@ for line in open("data_prep/demo_captions.jsonl"):
         print(json.loads(line)["caption"])
 PY
 $PY sample.py ckpt=$RUNS/quickstart_dit/export prompts_file=$RUNS/demo_prompts.txt \
-    num_frames=9 height=64 width=64 steps=25 guidance=2.0 out_dir=$RUNS/demo_samples
+    num_frames=9 height=48 width=112 steps=25 guidance=2.0 out_dir=$RUNS/demo_samples
 
 echo
 echo "demo finished in $(( $(date +%s) - start )) s"

@@ -38,15 +38,6 @@ def make_tiny_vae_export(folder: Path, clips: torch.Tensor) -> Path:
     return vae.save_pretrained(folder)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread (on a shared 2-core machine, OpenMP spin-waits make 2 threads ~10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def two_clips(demo_clips_dir) -> torch.Tensor:
     """bikes and bigbuckbunny, 5 frames at 32x32: [2, 3, 5, 32, 32]."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from runs import tiny_dit_overrides, train
 from vidgen.training.checkpoint import load_checkpoint

@@ -28,14 +28,6 @@ def run(script: str, *overrides: str) -> subprocess.CompletedProcess:
                           timeout=300, env=ENV)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_vae_dir(tmp_path_factory) -> Path:
     clips = torch.rand(2, 3, 5, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -14,16 +14,6 @@ from vidgen.models.vae import DiagonalGaussian, VideoVAE
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny convs gain nothing from a 2nd intra-op thread, and on a shared CPU two spinning OpenMP
-    threads run ~6x slower (measured: 0.25 vs 1.5 s per tiny-VAE step at load 5 on 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def vae_config(name: str) -> dict:
     cfg = yaml.safe_load((ROOT / "configs" / "model" / "vae" / f"{name}.yaml").read_text())
     assert cfg.pop("_target_") == "vidgen.models.vae.VideoVAE"

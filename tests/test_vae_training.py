@@ -19,16 +19,6 @@ TINY = dict(latent_channels=4, base_channels=8, channel_mult=[1, 2, 4, 4], num_r
             temporal_downsample=[False, True, True])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny convs gain nothing from a 2nd intra-op thread, and on a shared CPU two spinning OpenMP
-    threads run ~6x slower (measured: 0.25 vs 1.5 s per tiny-VAE step at load 5 on 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def clip(demo_clips_dir) -> torch.Tensor:
     """9 frames, 32x32 crop of the real carphone clip: [1, 3, 9, 32, 32] in [-1, 1]."""

@@ -51,6 +51,17 @@ class EMA(pl.Callback):
         for name, p in self._params(pl_module):
             self.shadow[name].lerp_(p.detach().float(), 1.0 - decay)
 
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Validate the weights that get exported and sampled: the EMA shadow (no checkpoint is written
+        # inside validation with step-based checkpointing, so the swap never reaches a checkpoint).
+        self._val_ctx = self.average_parameters(pl_module)
+        self._val_ctx.__enter__()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ctx, self._val_ctx = getattr(self, "_val_ctx", None), None
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
     @contextlib.contextmanager
     def average_parameters(self, module: torch.nn.Module) -> Iterator[None]:
         """Temporarily load the EMA weights into `module` (no-op before the first update)."""

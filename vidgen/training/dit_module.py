@@ -117,7 +117,6 @@ class DiTModule(pl.LightningModule):
             self.text_encoder = None
             self._frozen["text_encoder"] = text_encoder.requires_grad_(False).eval()
         self._check_wiring(text_encoder)
-        self._ema_ctx: Any = None
 
     def _check_wiring(self, text_encoder: nn.Module) -> None:
         """One clear line when the DiT's input widths do not match the text encoder / VAE it is trained with."""
@@ -232,20 +231,6 @@ class DiTModule(pl.LightningModule):
         if self._trainer is not None:
             self.log_dict(losses, sync_dist=True, batch_size=z.shape[0])
         return losses
-
-    def on_validation_epoch_start(self) -> None:
-        # Validate the weights that get exported and sampled: the EMA shadow when an EMA callback is present.
-        from vidgen.training.callbacks import find_ema
-
-        ema = find_ema(self.trainer)
-        if ema is not None:
-            self._ema_ctx = ema.average_parameters(self)
-            self._ema_ctx.__enter__()
-
-    def on_validation_epoch_end(self) -> None:
-        if self._ema_ctx is not None:
-            self._ema_ctx.__exit__(None, None, None)
-            self._ema_ctx = None
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:

@@ -55,7 +55,6 @@ class VAEModule(pl.LightningModule):
         self.rec_loss = ReconstructionLoss(l1_weight, lpips_weight, lpips_weights)
         self.discriminator = (PatchDiscriminator3D(vae.config["in_channels"], disc_channels, disc_layers)
                               if disc_start is not None else None)
-        self._ema_ctx: Any = None
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
@@ -116,20 +115,6 @@ class VAEModule(pl.LightningModule):
         return [] if schs is None else schs if isinstance(schs, list) else [schs]
 
     # ------------------------------------------------------------------ validation
-    def on_validation_epoch_start(self) -> None:
-        # Validate the weights that get exported: the EMA shadow when an EMA callback is present.
-        from vidgen.training.callbacks import find_ema
-
-        ema = find_ema(self.trainer)
-        if ema is not None:
-            self._ema_ctx = ema.average_parameters(self)
-            self._ema_ctx.__enter__()
-
-    def on_validation_epoch_end(self) -> None:
-        if self._ema_ctx is not None:
-            self._ema_ctx.__exit__(None, None, None)
-            self._ema_ctx = None
-
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x = batch["video"]
         recon = self.vae.decode(self.vae.encode(x).mode())  # deterministic, clamped
