@@ -309,3 +309,17 @@ def test_generic_clips_config_builds_a_resampled_loader(demo_shards):
     held_out = manifest["shards"][-1]["num_samples"]
     assert len(dm.val_set.urls) == 1
     assert len(dm.train_dataloader()) == (manifest["num_samples"] - held_out) // 8
+
+
+def test_token_budget_batch_sizes():
+    """batch x latent tokens stays within the budget for every bucket; small buckets get bigger batches."""
+    from vidgen.data.buckets import batch_sizes_per_bucket, latent_tokens, parse_buckets
+
+    buckets = {b.key: b for b in parse_buckets([[49, 320, 576], [17, 256, 256], [1, 256, 256]])}
+    sizes = batch_sizes_per_bucket({"tokens": 32768, "max": 64}, buckets.values())
+    assert latent_tokens(buckets["49x320x576"]) == 13 * 20 * 36
+    # 32768 // 9360, 32768 // 1280, 32768 // 256 capped at 64
+    assert [sizes[buckets[k]] for k in ("49x320x576", "17x256x256", "1x256x256")] == [3, 25, 64]
+    assert all(sizes[b] * latent_tokens(b) <= 32768 for b in buckets.values())
+    with pytest.raises(ValueError, match="token budget"):
+        batch_sizes_per_bucket({"tokens": 100, "nope": 1}, buckets.values())

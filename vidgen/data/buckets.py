@@ -65,9 +65,36 @@ def parse_buckets(buckets: Iterable) -> tuple[Bucket, ...]:
     return tuple(sorted(out))
 
 
+def latent_tokens(bucket: Bucket, time_factor: int = 4, space_factor: int = 16) -> int:
+    """DiT tokens of one sample of `bucket`: causal VAE (1 + (T-1)/4 latent frames, 8x space) + 2x2 patches."""
+    frames = 1 + (bucket.frames - 1) // time_factor
+    return frames * max(1, bucket.height // space_factor) * max(1, bucket.width // space_factor)
+
+
+def token_budget_batch_sizes(tokens: int, buckets: Iterable[Bucket], time_factor: int = 4,
+                             space_factor: int = 16, max_batch: int | None = None) -> dict[Bucket, int]:
+    """Per-bucket batch sizes with batch x tokens-per-sample about `tokens` (at least 1, at most `max_batch`).
+
+    Attention and activation memory grow with the tokens of a batch, so a budget that fits the largest
+    bucket keeps every bucket in memory while small buckets (images, short clips) get larger batches.
+    """
+    out = {}
+    for b in buckets:
+        n = max(1, int(tokens) // latent_tokens(b, time_factor, space_factor))
+        out[b] = min(n, int(max_batch)) if max_batch else n
+    return out
+
+
 def batch_sizes_per_bucket(batch_size: int | Mapping, buckets: Iterable[Bucket]) -> dict[Bucket, int]:
-    """`batch_size` as an int (all buckets) or a mapping {"TxHxW": n, "default": n} -> {Bucket: n}."""
+    """Batch size per bucket -> {Bucket: n}, from an int (all buckets), a mapping {"TxHxW": n, "default": n},
+    or a token budget {"tokens": N, "max": n, "time_factor": 4, "space_factor": 16} (see token_budget_batch_sizes)."""
     buckets = list(buckets)
+    if isinstance(batch_size, Mapping) and "tokens" in batch_size:
+        extra = set(batch_size) - {"tokens", "max", "time_factor", "space_factor"}
+        if extra:
+            raise ValueError(f"batch_size: a token budget takes tokens/max/time_factor/space_factor, not {sorted(extra)}")
+        return token_budget_batch_sizes(int(batch_size["tokens"]), buckets, int(batch_size.get("time_factor", 4)),
+                                        int(batch_size.get("space_factor", 16)), batch_size.get("max"))
     if isinstance(batch_size, Mapping):
         sizes = {str(k): int(v) for k, v in batch_size.items()}
         unknown = set(sizes) - {b.key for b in buckets} - {"default"}
