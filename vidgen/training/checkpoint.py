@@ -33,10 +33,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
-        raise IsADirectoryError(
-            f"{path} is a sharded (FSDP / DeepSpeed) checkpoint folder; consolidate it into one file first: "
-            f"FSDP: `python -m lightning.fabric.utilities.consolidate_checkpoint {path}`; DeepSpeed: "
-            f"`lightning.pytorch.utilities.deepspeed.convert_zero_checkpoint_to_fp32_state_dict({str(path)!r}, OUT)`")
+        raise IsADirectoryError(f"{path} is a sharded (FSDP / DeepSpeed) checkpoint folder; consolidate and export "
+                                f"it with: python -m vidgen.training.consolidate {path} OUT")
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
