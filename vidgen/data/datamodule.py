@@ -20,7 +20,8 @@ from vidgen.data.buckets import BucketAssigner, batch_sizes_per_bucket, parse_bu
 from vidgen.data.decode import resolve_backend
 from vidgen.data.position import DataPositionMixin
 from vidgen.data.pipeline import ClipLoader, build_clip_dataset, node_info
-from vidgen.data.shards import DataConfigError, ShardSet, resolve_shards, split_validation
+from vidgen.data.shards import (DataConfigError, ShardSet, resampled_epoch_batches, resolve_shards,
+                                 split_validation)
 
 log = logging.getLogger(__name__)
 
@@ -145,13 +146,9 @@ class ClipDataModule(DataPositionMixin, pl.LightningDataModule):
 
     def epoch_batches(self, shards: ShardSet, world_size: int) -> int:
         """Resampled epoch length per rank: num_samples // (batch_size * world_size), at least 1."""
-        n = self.hparams.samples_per_epoch or shards.num_samples
-        if not n:
-            raise DataConfigError("data.samples_per_epoch is not set and the shards have no manifest.json with "
-                                  "sample counts: resampled mode needs one of them to size an epoch")
-        sizes = batch_sizes_per_bucket(self.batch_size, self.buckets).values()
-        bs = max(1, round(sum(sizes) / len(sizes)))  # per-bucket sizes: their mean is the typical batch
-        return max(1, int(n) // (bs * world_size))
+        return resampled_epoch_batches(self.hparams.samples_per_epoch or shards.num_samples,
+                                       batch_sizes_per_bucket(self.batch_size, self.buckets).values(), world_size,
+                                       "the shards have no manifest.json with sample counts")
 
     def train_dataloader(self) -> ClipLoader:
         if self.train_set is None:

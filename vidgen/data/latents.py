@@ -26,7 +26,8 @@ from vidgen.data.latent_shards import (FORMAT_VERSION, LATENT_MEMBER, MANIFEST_N
                                        read_latent_manifest, save_null_text, unpack_sample)
 from vidgen.data.pipeline import (ClipDataset, ClipLoader, NodeSplit, PipelineState, SampleShuffle, ShardSource,
                                   TarSamples, node_info)
-from vidgen.data.shards import DataConfigError, ShardSet, resolve_shards, split_validation
+from vidgen.data.shards import (DataConfigError, ShardSet, resampled_epoch_batches, resolve_shards,
+                                 split_validation)
 from vidgen.data.position import DataPositionMixin
 from vidgen.data.stats import STATS_KEY, WorkerCounts
 from vidgen.diffusion.flow import pad_tokens
@@ -245,11 +246,9 @@ class LatentDataModule(DataPositionMixin, pl.LightningDataModule):
 
     def epoch_batches(self, shards: ShardSet, world_size: int) -> int:
         """Resampled epoch length per rank: num_samples // (mean batch size * world_size), at least 1."""
-        n = self.hparams.samples_per_epoch or shards.num_samples
-        if not n:
-            raise DataConfigError("data.samples_per_epoch is not set and the latent manifest has no sample counts")
         sizes = [v for k, v in self._sizes["train"].items() if k != "default"]
-        return max(1, int(n) // (max(1, round(sum(sizes) / len(sizes))) * world_size))
+        return resampled_epoch_batches(self.hparams.samples_per_epoch or shards.num_samples, sizes, world_size,
+                                       "the latent manifest has no sample counts")
 
     def train_dataloader(self) -> ClipLoader:
         if self.train_set is None:

@@ -117,3 +117,16 @@ def split_validation(train: ShardSet, val_split: int | float | None,
     if n >= n_total:
         raise DataConfigError(f"{setting}={val_split!r} holds out {n} of {n_total} shard(s): none left to train on")
     return train.split_last(n)
+
+
+def resampled_epoch_batches(num_samples: int | None, batch_sizes, world_size: int, what: str) -> int:
+    """Resampled epoch length per rank: num_samples // (mean per-bucket batch size * world_size), at least 1.
+
+    `num_samples`: `data.samples_per_epoch` or the manifest's count; `what` names where counts were looked for.
+    """
+    if not num_samples:
+        raise DataConfigError(f"data.samples_per_epoch is not set and {what}: resampled mode needs one of them "
+                              "to size an epoch")
+    sizes = list(batch_sizes)
+    batch = max(1, round(sum(sizes) / len(sizes)))  # per-bucket sizes: their mean is the typical batch
+    return max(1, int(num_samples) // (batch * world_size))
