@@ -49,3 +49,17 @@ def test_sigkill_and_resume_equals_uninterrupted(demo_shards, tiny_vae_export, t
     exp_a, exp_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     assert max((exp_a[k]["exp_avg_sq"] - exp_b[k]["exp_avg_sq"]).abs().max().item() for k in exp_a) <= 1e-9
     assert a["datamodule_hyper_parameters"] == b["datamodule_hyper_parameters"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_preempted_checkpoint_then_resumes(demo_shards, tiny_vae_export, tmp_path):
+    """SIGTERM (preemption): the step in flight finishes, `preempted.ckpt` is written, resume=auto continues from it."""
+    out = _run(tmp_path, tiny_vae_export, demo_shards,
+               ["+callbacks.term._target_=tests.helpers.callbacks.SignalAtStep", "+callbacks.term.step=3",
+                "callbacks.model_checkpoint.every_n_train_steps=100"])
+    ckpts = tmp_path / "runs" / "quickstart_dit" / "checkpoints"
+    preempted = load_checkpoint(ckpts / "preempted.ckpt")
+    assert preempted["global_step"] == 4, out.stderr[-2000:]  # the step running when the signal came completed
+    resumed = _run(tmp_path, tiny_vae_export, demo_shards, ["resume=auto", "trainer.max_steps=6"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_checkpoint(ckpts / "last.ckpt")["global_step"] == 6

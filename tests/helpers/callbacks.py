@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import signal as signal_module
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -40,3 +41,16 @@ class KillAtStep(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAtStep(pl.Callback):
+    """Sends `signal` (e.g. SIGTERM, as a cluster preempting the job) to its own process at `global_step == step`."""
+
+    def __init__(self, step: int, signal: str = "SIGTERM"):
+        self.step, self.signal = step, getattr(signal_module, signal)
+        self.sent = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step >= self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signal)
