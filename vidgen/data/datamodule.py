@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 from vidgen.data.buckets import BucketAssigner, batch_sizes_per_bucket, parse_buckets
 from vidgen.data.decode import resolve_backend
 from vidgen.data.position import DataPositionMixin
-from vidgen.data.pipeline import ClipLoader, build_clip_dataset, node_info
+from vidgen.data.pipeline import ClipLoader, build_clip_dataset
 from vidgen.data.shards import (DataConfigError, ShardSet, resampled_epoch_batches, resolve_shards,
                                  split_validation)
 
@@ -92,14 +92,6 @@ class ClipDataModule(DataPositionMixin, pl.LightningDataModule):
 
             if not any(isinstance(c, DataStatsCallback) for c in self.trainer.callbacks):
                 self.trainer.callbacks.append(DataStatsCallback())
-
-    def _rank_world(self) -> tuple[int, int]:
-        hp = self.hparams
-        if hp.rank is not None and hp.world_size is not None:
-            return int(hp.rank), int(hp.world_size)
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        return node_info(None, None)
 
     def _workers_for(self, shards: ShardSet, rank: int, world: int, train: bool, setting: str) -> int:
         """DataLoader workers that will get at least one shard (warns when shards < world_size x num_workers)."""

@@ -25,7 +25,7 @@ from vidgen.data.latent_shards import (FORMAT_VERSION, LATENT_MEMBER, MANIFEST_N
                                        SHARD_PATTERN, check_fingerprints, load_null_text, pack_sample,
                                        read_latent_manifest, save_null_text, unpack_sample)
 from vidgen.data.pipeline import (ClipDataset, ClipLoader, NodeSplit, PipelineState, SampleShuffle, ShardSource,
-                                  TarSamples, node_info)
+                                  TarSamples)
 from vidgen.data.shards import (DataConfigError, ShardSet, resampled_epoch_batches, resolve_shards,
                                  split_validation)
 from vidgen.data.position import DataPositionMixin
@@ -213,14 +213,6 @@ class LatentDataModule(DataPositionMixin, pl.LightningDataModule):
         return None
 
     # ---- loaders --------------------------------------------------------------------------------------------
-    def _rank_world(self) -> tuple[int, int]:
-        hp = self.hparams
-        if hp.rank is not None and hp.world_size is not None:
-            return int(hp.rank), int(hp.world_size)
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        return node_info(None, None)
-
     def _loader(self, shards: ShardSet, train: bool, setting: str) -> ClipLoader:
         hp = self.hparams
         rank, world = self._rank_world()

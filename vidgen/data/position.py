@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from vidgen.data.pipeline import node_info
+
 log = logging.getLogger(__name__)
 
 
@@ -12,11 +14,21 @@ class DataPositionMixin:
 
     Lightning stores `state_dict()` in every checkpoint and calls `load_state_dict()` before building the
     train loader; the loader (a `ClipLoader`) then drops the batches of the saved epoch already trained on.
-    The module must provide `_rank_world() -> (rank, world_size)` and call `apply_resume_position(loader)`.
+    The module must have `rank` / `world_size` hyperparameters (explicit overrides, or None) and call
+    `apply_resume_position(loader)` on its train loader.
     """
 
     _position: dict | None = None
     _resume_position: dict | None = None
+
+    def _rank_world(self) -> tuple[int, int]:
+        """(rank, world_size): explicit hyperparameters, else the Trainer's, else webdataset's detection."""
+        hp = self.hparams
+        if hp.rank is not None and hp.world_size is not None:
+            return int(hp.rank), int(hp.world_size)
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return node_info(None, None)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Count the training batches consumed in the current epoch (Lightning's prefetched batch is not counted)."""
