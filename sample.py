@@ -1,6 +1,6 @@
 """Sample videos from a DiT: `python sample.py ckpt=PATH prompt="..."` (see configs/sample.yaml for every option).
 
-`ckpt` is a DiT Lightning checkpoint or an export folder (python -m vidgen.training.export_dit). Writes per prompt
+`ckpt` is a DiT checkpoint (file, FSDP or DeepSpeed folder) or an export folder (python -m vidgen.io.checkpoint). Writes per prompt
 `NAME.mp4`, `NAME.png` (contact sheet) and `NAME.json` (the exact settings) under `out_dir`.
 """
 
@@ -12,14 +12,16 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 import vidgen.config  # noqa: F401  (registers the config resolvers)
+from vidgen.io.pretrained import WeightsError
+from vidgen.io.video import read_image, read_video, save_sample, slug
+from vidgen.pipeline import DiTPipeline, SamplingError
 
 
 def read_prompts(cfg: DictConfig) -> list[dict]:
     """[{"prompt", "seed", "name"?}] from `prompt` or `prompts_file` (plain lines or JSONL)."""
-    from vidgen.sampling_pipeline import SamplingError
-
     if (cfg.prompt is None) == (cfg.prompts_file is None):
         raise SamplingError("give exactly one of prompt=... or prompts_file=PATH")
     if cfg.prompt is not None:
@@ -40,9 +42,6 @@ def read_prompts(cfg: DictConfig) -> list[dict]:
 
 def read_media(cfg: DictConfig) -> tuple:
     """The conditioning image (uint8 [1, H, W, 3]) and/or video (uint8 [T, H, W, 3]) files, or None."""
-    from vidgen.io.video import read_image, read_video
-    from vidgen.sampling_pipeline import SamplingError
-
     for key in ("image", "video"):
         if cfg[key] is not None and not Path(cfg[key]).is_file():
             raise SamplingError(f"{key}={cfg[key]}: no such file")
@@ -53,16 +52,11 @@ def read_media(cfg: DictConfig) -> tuple:
 
 def run(cfg: DictConfig) -> list[Path]:
     """Load the pipeline, generate every prompt in batches, write mp4 / png / json; returns the mp4 paths."""
-    from tqdm.auto import tqdm
-
-    from vidgen.sampling_pipeline import DiTPipeline, SamplingError, save_sample, slug
-
     prompts = read_prompts(cfg)
     image, video = read_media(cfg)
     pipe = DiTPipeline.from_pretrained(cfg.ckpt, ema=cfg.ema, device=cfg.device, vae=cfg.vae)
-    default = pipe.info.get("default_shape") or [None, None, None]
-    num_frames, height, width = (cfg[k] if cfg[k] is not None else d
-                                 for k, d in zip(("num_frames", "height", "width"), default))
+    num_frames, height, width = (cfg[k] if cfg[k] is not None else pipe.defaults.get(k)
+                                 for k in ("num_frames", "height", "width"))
     if None in (num_frames, height, width):
         raise SamplingError("num_frames, height and width: not recorded with the checkpoint; set them")
     pipe.latent_size(num_frames, height, width)  # bad sizes stop here, before any model runs
@@ -90,13 +84,11 @@ def run(cfg: DictConfig) -> list[Path]:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    from vidgen.sampling_pipeline import SamplingError
-
     try:
         run(cfg)
-    except (SamplingError, FileNotFoundError) as e:  # expected: bad settings / files -> one line, no traceback
+    except (SamplingError, WeightsError, FileNotFoundError) as e:  # expected: bad settings / files -> one line, no traceback
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

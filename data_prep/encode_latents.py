@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from tqdm import tqdm
 import webdataset as wds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
@@ -36,8 +37,13 @@ from vidgen.data.buckets import DROP_REASONS, BucketAssigner, parse_buckets  # n
 from vidgen.data.pipeline import ClipTransform, PipelineState, TarSamples, collate  # noqa: E402
 from vidgen.data.shards import DataConfigError, resolve_shards  # noqa: E402
 from vidgen.data.stats import WorkerCounts  # noqa: E402
+from vidgen.conditioning import TextCondition  # noqa: E402
+from vidgen.data.latent_shards import SHARD_PATTERN, pack_sample, save_null_text  # noqa: E402
 from vidgen.io.atomic import atomic_path, atomic_write_text  # noqa: E402
+from vidgen.models.text import ByteTextEncoder, HFTextEncoder  # noqa: E402
+from vidgen.models.vae import VideoVAE  # noqa: E402
 from vidgen.io.fingerprint import fingerprint_folder, fingerprint_hf_folder  # noqa: E402
+from vidgen.io.pretrained import load_pretrained
 
 log = logging.getLogger("encode_latents")
 DONE_DIR = ".done"
@@ -96,7 +102,7 @@ class ShardClips(torch.utils.data.IterableDataset):
 
 # ---- models --------------------------------------------------------------------------------------------------
 def load_text_encoder(spec: list[str], device: torch.device, max_length: int | None):
-    """`byte FOLDER` | `hf PATH` | `none` -> (frozen encoder or None, manifest entry or None)."""
+    """`byte FOLDER` | `hf PATH` | `none` -> (the conditioner's frozen text entry or None, manifest entry or None)."""
     kind = spec[0] if spec else "none"
     if kind == "none":
         return None, None
@@ -105,23 +111,27 @@ def load_text_encoder(spec: list[str], device: torch.device, max_length: int | N
     path = str(Path(spec[1]).resolve())
     if not os.path.isdir(path):
         raise EncodeError(f"--text-encoder {kind} {spec[1]}: no such folder")
-    from vidgen.models.text import ByteTextEncoder, HFTextEncoder
-
     if kind == "byte":
         fp = fingerprint_folder(path)
         extra = {} if max_length is None else {"max_length": max_length}
-        encoder = ByteTextEncoder.from_pretrained(path, padding="longest", **extra)
+        encoder = load_pretrained(path, ByteTextEncoder, padding="longest", **extra)
     else:
         fp = fingerprint_hf_folder(path)
         encoder = HFTextEncoder(path, max_length=max_length or 512, padding="longest")
     encoder = encoder.to(device).eval().requires_grad_(False)
-    return encoder, {"kind": kind, "path": path, "fingerprint": fp, "dim": int(encoder.dim),
-                     "max_length": int(encoder.max_length)}
+    encoder.trainable = False  # frozen here: the entry holds it aside, no gradients
+    info = {"kind": kind, "path": path, "fingerprint": fp, "dim": int(encoder.dim),
+            "max_length": int(encoder.max_length)}
+    return TextCondition(encoder, dropout=0.0).to(device), info
 
 
-def encode_text(encoder, captions: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Captions -> per caption (emb [L_i, D], mask [L_i]) trimmed to its own tokens (padding is re-added per batch)."""
-    emb, mask = encoder(captions)
+def encode_text(entry: TextCondition, captions: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Captions -> per caption (emb [L_i, D], mask [L_i]) trimmed to its own tokens (padding is re-added per batch).
+
+    The conditioner's text entry encodes exactly as training and sampling do; "" gives the stored null.
+    """
+    cond = entry.encode(captions)
+    emb, mask = cond["context"], cond["context_mask"]
     out = []
     for e, m in zip(emb, mask):
         n = int(m.nonzero().max()) + 1 if m.any() else 1
@@ -179,8 +189,6 @@ def pick_device(name: str, local_rank: int) -> torch.device:
 
 def run(args: argparse.Namespace) -> dict | None:
     """Encode this rank's share of the input shards; returns the manifest if this rank completed the folder."""
-    from vidgen.data.latent_shards import SHARD_PATTERN, pack_sample, save_null_text
-    from vidgen.models.vae import VideoVAE
 
     rank, world, local_rank = dist_info()
     device = pick_device(args.device, local_rank)
@@ -194,7 +202,7 @@ def run(args: argparse.Namespace) -> dict | None:
     vae_path = str(Path(args.vae).resolve())
     try:
         vae_fp = fingerprint_folder(vae_path)
-        vae = VideoVAE.from_pretrained(vae_path).to(device).eval().requires_grad_(False)
+        vae = load_pretrained(vae_path, VideoVAE).to(device).eval().requires_grad_(False)
     except (FileNotFoundError, ValueError) as e:
         raise EncodeError(f"--vae {args.vae}: {e}") from e
     bad = [b.key for b in buckets if (b.frames - 1) % vae.temporal_factor or b.height % vae.spatial_factor
@@ -232,7 +240,6 @@ def run(args: argparse.Namespace) -> dict | None:
     dtype = DTYPES[args.dtype]
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
                 else contextlib.nullcontext())
-    from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), unit="shard", disable=not args.progress, position=rank, desc=f"rank {rank}")
     open_: dict[int, tuple[contextlib.ExitStack, wds.TarWriter, str, int]] = {}

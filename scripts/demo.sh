@@ -27,8 +27,8 @@ if [ ! -f $RUNS/quickstart_vae/checkpoints/last.ckpt ]; then
 fi
 
 echo "== 3/6 export the VAE with its latent statistics; held-out reconstruction"
-$PY -m vidgen.training.export_vae ckpt=$RUNS/quickstart_vae/checkpoints/last.ckpt \
-    out=$RUNS/quickstart_vae/export stats_clips=16 shards=data/demo_shards_vae frames=17 size=48
+$PY -m vidgen.io.checkpoint $RUNS/quickstart_vae/checkpoints/last.ckpt $RUNS/quickstart_vae/export
+$PY -m vidgen.data.latent_stats vae=$RUNS/quickstart_vae/export clips=16 shards=data/demo_shards_vae frames=17 size=48
 $PY -m vidgen.eval.vae vae=$RUNS/quickstart_vae/export shards=data/demo_shards_holdout \
     out=$RUNS/quickstart_vae/eval_holdout frames=17 size=96
 
@@ -38,7 +38,7 @@ if [ ! -f $RUNS/quickstart_dit/checkpoints/last.ckpt ]; then
 fi
 
 echo "== 5/6 export the DiT (EMA weights) and plot its losses"
-$PY -m vidgen.training.export_dit $RUNS/quickstart_dit/checkpoints/last.ckpt $RUNS/quickstart_dit/export
+$PY -m vidgen.io.checkpoint $RUNS/quickstart_dit/checkpoints/last.ckpt $RUNS/quickstart_dit/export
 $PY scripts/plot_losses.py $RUNS/quickstart_dit/csv/metrics.csv $RUNS/quickstart_dit/losses.png || true
 
 echo "== 6/6 sample one video per demo caption"

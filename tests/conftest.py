@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from vidgen.io.pretrained import save_pretrained
 
 # One intra-op thread: tiny CPU models run several times faster than with 2 threads that fight the
 # data loader and other processes (measured on the 2-core CI machine).
@@ -62,5 +63,5 @@ def tiny_vae_export(tmp_path_factory) -> Path:
     c = kwargs["latent_channels"]
     vae.set_latent_stats(torch.linspace(-0.1, 0.1, c), torch.linspace(0.5, 1.5, c))
     folder = tmp_path_factory.mktemp("tiny_vae") / "export"
-    vae.save_pretrained(folder)
+    save_pretrained(vae, folder)
     return folder

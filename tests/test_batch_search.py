@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from vidgen.conditioning import Conditioner, TextCondition
 from vidgen.models.dit import DiT
 from vidgen.models.text import ByteTextEncoder
 from vidgen.training.batch_search import dit_step_fn, largest_batch
@@ -35,7 +36,8 @@ def test_dit_step_fn_runs_a_training_step():
     from vidgen.training.dit_module import DiTModule
 
     dit = DiT(in_channels=4, dim=32, depth=1, num_heads=2, ffn_dim=64, text_dim=16, freq_dim=32)
-    module = DiTModule(dit=dit, text_encoder=ByteTextEncoder(dim=16, depth=1, num_heads=2), vae_path=None,
+    text = TextCondition(ByteTextEncoder(dim=16, depth=1, num_heads=2))
+    module = DiTModule(dit=dit, conditioner=Conditioner(text=text), vae_path=None,
                        optimizer=partial(torch.optim.AdamW, lr=1e-3))
     before = dit.proj_out.weight.detach().clone()  # zero-initialised: the first step moves it
     dit_step_fn(module, (9, 32, 32), latent_channels=4, text_len=8, device=torch.device("cpu"))(2)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vidgen.diffusion import (ClassifierFreeGuidance, RectifiedFlow, generate, sample_euler, sample_heun,
+from vidgen.conditioning import drop_captions, drop_embeddings
+from vidgen.diffusion import (ClassifierFreeGuidance, Denoiser, RectifiedFlow, generate, sample_euler, sample_heun,
                               seeded_noise, timesteps)
 from vidgen.models.dit import DiT
 
@@ -52,13 +53,14 @@ def test_loss_with_clean_frames_ignores_them():
         v[:, :, :2] += garbage          # ... and anything at all on frames 0, 1
         return v
 
-    loss = flow.loss(model, x0, {"garbage": 0.0}, t=t, noise=eps, clean_frames=2)
+    first2 = (torch.arange(5) < 2)[None].expand(2, 5)
+    loss = Denoiser(model, flow).loss(x0, {"garbage": 0.0}, t=t, noise=eps, clean_mask=first2)
     assert torch.allclose(loss, torch.tensor(0.01))
-    assert torch.equal(flow.loss(model, x0, {"garbage": 1e3}, t=t, noise=eps, clean_frames=2), loss)
+    assert torch.equal(Denoiser(model, flow).loss(x0, {"garbage": 1e3}, t=t, noise=eps, clean_mask=first2), loss)
     assert torch.equal(seen["t"][:, :2], torch.zeros(2, 2)) and torch.equal(seen["t"][:, 2:], t[:, None].expand(2, 3))
     assert torch.equal(seen["x_t"][:, :, :2], x0[:, :, :2])  # clean frames are the conditioning, unnoised
     mask = torch.tensor([[True, True, False, False, True]] * 2)  # any bool [B, T] pattern
-    loss_mask = flow.loss(model, x0, {"garbage": 0.0}, t=t, noise=eps, clean_frames=mask)
+    loss_mask = Denoiser(model, flow).loss(x0, {"garbage": 0.0}, t=t, noise=eps, clean_mask=mask)
     assert torch.allclose(loss_mask, torch.tensor(0.01))
 
 
@@ -67,7 +69,7 @@ def test_loss_trains_the_dit_end_to_end():
     model = DiT(**TINY).train()
     x0 = torch.randn(2, 4, 3, 8, 8)
     g = torch.Generator().manual_seed(0)
-    loss = flow.loss(model, x0, text(2, 5, 0), clean_frames=1, generator=g)
+    loss = Denoiser(model, flow).loss(x0, text(2, 5, 0), clean_mask=(torch.arange(3) < 1)[None], generator=g)
     loss.backward()
     assert loss.isfinite() and model.proj_out.weight.grad.abs().sum() > 0  # zero-init layer still learns
 
@@ -87,13 +89,13 @@ def test_sample_t_is_logit_normal_shifted_by_token_count():
 
 def test_cfg_dropout_of_text():
     g = torch.Generator().manual_seed(0)
-    assert RectifiedFlow(cfg_dropout=1.0).drop_captions(["a", "b"], g) == ["", ""]
-    assert RectifiedFlow(cfg_dropout=0.0).drop_captions(["a", "b"], g) == ["a", "b"]
+    assert drop_captions(["a", "b"], 1.0, g) == ["", ""]
+    assert drop_captions(["a", "b"], 0.0, g) == ["a", "b"]
     ctx, mask = torch.randn(3, 4, 8), torch.ones(3, 4, dtype=torch.bool)
     null, null_mask = torch.randn(6, 8), torch.tensor([True, True, False, False, False, False])
-    out, out_mask = RectifiedFlow(cfg_dropout=1.0).drop_embeddings(ctx, mask, null, null_mask, g)
+    out, out_mask = drop_embeddings(ctx, mask, null, null_mask, 1.0, g)
     assert out.shape == (3, 6, 8) and torch.equal(out[1], null) and torch.equal(out_mask[2], null_mask)
-    out, out_mask = RectifiedFlow(cfg_dropout=0.0).drop_embeddings(ctx, mask, null, null_mask, g)
+    out, out_mask = drop_embeddings(ctx, mask, null, null_mask, 0.0, g)
     assert torch.equal(out[:, :4], ctx) and not out[:, 4:].any() and not out_mask[:, 4:].any()
 
 
@@ -143,7 +145,7 @@ def test_cfg_scale_one_equals_conditional_and_formula():
     flow = RectifiedFlow()
     x, t = torch.randn(2, 4, 3, 8, 8), torch.tensor([0.5, 0.8])
     cond, uncond = text(2, 5, 1), text(1, 3, 2)  # different lengths, negative prompt broadcast to the batch
-    fn = lambda x_, t_, c_: flow.velocity(model, x_, t_, c_)  # noqa: E731
+    fn = Denoiser(model, flow).velocity
     calls = []
     counted = lambda x_, t_, c_: calls.append(x_.shape[0]) or fn(x_, t_, c_)  # noqa: E731
     with torch.no_grad():
@@ -157,22 +159,56 @@ def test_cfg_scale_one_equals_conditional_and_formula():
 
 @pytest.mark.parametrize("sampler", ["euler", "heun"])
 def test_image_to_video_keeps_clean_frames_exactly(sampler):
-    model = tiny_dit()
-    clean = torch.randn(2, 4, 2, 8, 8)
-    kwargs = dict(shape=(2, 4, 3, 8, 8), steps=3, guidance=3.0, shift=3.0, sampler=sampler, seed=0, progress=False)
-    z0 = generate(model, text(2, 5, 1), text(1, 2, 2), clean_latents=clean, num_clean=1, **kwargs)
+    denoiser = Denoiser(tiny_dit(), RectifiedFlow())
+    clean = torch.randn(2, 4, 3, 8, 8)
+    kwargs = dict(shape=(2, 4, 3, 8, 8), steps=3, guider=ClassifierFreeGuidance(3.0), shift=3.0, sampler=sampler,
+                  seed=0)
+    first = lambda k: (torch.arange(3) < k)[None]  # noqa: E731
+    z0 = generate(denoiser, text(2, 5, 1), uncond=text(1, 2, 2), clean=clean, clean_mask=first(1), **kwargs)
     assert torch.equal(z0[:, :, :1], clean[:, :, :1])
-    z_ext = generate(model, text(2, 5, 1), None, clean_latents=clean, num_clean=2, **kwargs)
-    assert torch.equal(z_ext[:, :, :2], clean)  # video extension: the first k frames
+    z_ext = generate(denoiser, text(2, 5, 1), clean=clean, clean_mask=first(2), **kwargs)
+    assert torch.equal(z_ext[:, :, :2], clean[:, :, :2])  # video extension: the first k frames
     assert z0.isfinite().all() and not torch.equal(z0[:, :, 1:], z_ext[:, :, 1:])
 
 
 def test_generate_is_seeded_per_sample():
-    model = tiny_dit()
-    kwargs = dict(steps=2, guidance=2.0, shift=None, progress=False)
-    batch = generate(model, text(1, 4, 0), text(1, 1, 5), (2, 4, 1, 8, 8), seed=[3, 4], **kwargs)
-    single = generate(model, text(1, 4, 0), text(1, 1, 5), (1, 4, 1, 8, 8), seed=4, **kwargs)
+    denoiser = Denoiser(tiny_dit(), RectifiedFlow())
+    kwargs = dict(steps=2, guider=ClassifierFreeGuidance(2.0), shift=None)
+    batch = generate(denoiser, text(1, 4, 0), (2, 4, 1, 8, 8), uncond=text(1, 1, 5), seed=[3, 4], **kwargs)
+    single = generate(denoiser, text(1, 4, 0), (1, 4, 1, 8, 8), uncond=text(1, 1, 5), seed=4, **kwargs)
     torch.testing.assert_close(batch[1:], single, atol=1e-5, rtol=1e-5)
     assert torch.equal(seeded_noise((2, 3), 7)[1], seeded_noise((1, 3), 8)[0])
     with pytest.raises(ValueError, match="sampler"):
-        generate(model, text(1, 4, 0), None, (1, 4, 1, 8, 8), sampler="ddim", progress=False)
+        generate(denoiser, text(1, 4, 0), (1, 4, 1, 8, 8), sampler="ddim")
+    with pytest.raises(ValueError, match="guidance=-5"):
+        ClassifierFreeGuidance(-5.0)
+
+
+def test_training_and_sampling_feed_the_network_identical_tensors():
+    """Same x0, noise, per-frame t and clean mask: Denoiser.loss and Denoiser.__call__ call the net identically."""
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.patch_size = net, net.patch_size
+
+        def forward(self, x, t, **cond):
+            calls.append((x.clone(), t.clone(), {k: v.clone() for k, v in cond.items()}))
+            return self.net(x, t, **cond)
+
+    denoiser = Denoiser(Recorder(tiny_dit()), RectifiedFlow())
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 3, 8, 8, generator=g), torch.randn(2, 4, 3, 8, 8, generator=g)
+    t = torch.rand(2, 3, generator=g)
+    mask = torch.tensor([[True, False, False], [True, True, False]])
+    cond = text(2, 5, 1)
+    with torch.no_grad():
+        denoiser.loss(x0, cond, t=t, noise=noise, clean_mask=mask)
+        x_t = RectifiedFlow.add_noise(x0, noise, t)  # what a sampler holds at these noise levels
+        v = denoiser(x_t, t, cond, clean=x0, clean_mask=mask)
+    (xa, ta, ca), (xb, tb, cb) = calls
+    assert torch.equal(xa, xb) and torch.equal(ta, tb) and ca.keys() == cb.keys()
+    assert all(torch.equal(ca[k], cb[k]) for k in ca)
+    assert torch.equal(ta[mask], torch.zeros(int(mask.sum()))) and torch.equal(xa[:, :, 0], x0[:, :, 0])
+    assert not v[:, :, 0].any() and not v[1, :, 1].any()  # clean frames get zero velocity

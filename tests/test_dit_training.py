@@ -15,8 +15,11 @@ from vidgen.io.video import read_video
 from vidgen.models.dit import DiT
 from vidgen.models.text import ByteTextEncoder
 from vidgen.models.vae import VideoVAE
-from vidgen.sampling_pipeline import DiTPipeline
-from vidgen.training.dit_module import DiTModule, vae_fingerprint, warmup_schedule
+from vidgen.conditioning import Conditioner, TextCondition
+from vidgen.io.fingerprint import fingerprint_folder
+from vidgen.pipeline import DiTPipeline
+from vidgen.training.dit_module import DiTModule, warmup_schedule
+from vidgen.io.pretrained import save_pretrained
 
 LATENT_CHANNELS = 4
 TINY_VAE = dict(latent_channels=LATENT_CHANNELS, base_channels=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1)
@@ -35,7 +38,7 @@ def make_tiny_vae_export(folder: Path, clips: torch.Tensor) -> Path:
     with torch.no_grad():
         z = vae.encode(clips).mode()  # [B, C, t, h, w]
     vae.set_latent_stats(z.mean(dim=(0, 2, 3, 4)), z.std(dim=(0, 2, 3, 4)))
-    return vae.save_pretrained(folder)
+    return save_pretrained(vae, folder)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +65,8 @@ def make_module(vae_path, dim: int = 32, text_dim: int = 32, cfg_dropout: float 
     dit = DiT(in_channels=LATENT_CHANNELS, dim=dim, depth=2, num_heads=2, ffn_dim=2 * dim, text_dim=text_dim,
               freq_dim=32)
     text = ByteTextEncoder(dim=text_dim, depth=1, num_heads=2, max_length=32)
-    return DiTModule(dit, text, str(vae_path), optimizer=partial(torch.optim.AdamW, lr=1e-3),
-                     flow={"cfg_dropout": cfg_dropout}, **kwargs)
+    return DiTModule(dit, Conditioner(text=TextCondition(text, dropout=cfg_dropout)), str(vae_path),
+                     optimizer=partial(torch.optim.AdamW, lr=1e-3), **kwargs)
 
 
 def test_training_step_on_demo_batch(tiny_vae_dir, demo_batch):
@@ -79,10 +82,12 @@ def test_training_step_on_demo_batch(tiny_vae_dir, demo_batch):
     grads = {n: p.grad for n, p in module.named_parameters()}
     assert grads["dit.proj_out.weight"] is not None and grads["dit.proj_out.weight"].abs().sum() > 0
     assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
-    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("text_encoder."))
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("conditioner."))
     # The frozen VAE is neither trained nor saved: only DiT + text encoder weights are in the state dict.
-    assert {k.split(".")[0] for k in module.state_dict()} == {"dit", "text_encoder"}
-    assert module.model_configs()["vae"]["fingerprint"] == vae_fingerprint(tiny_vae_dir)
+    assert {k.split(".")[0] for k in module.state_dict()} == {"dit", "conditioner"}
+    described = module.checkpoint_description()
+    assert described["meta"]["vae"]["fingerprint"] == fingerprint_folder(tiny_vae_dir)
+    assert set(described["parts"]) == {"dit", "cond.text"}
 
 
 def test_hyperparameters_are_plain(tiny_vae_dir):
@@ -111,7 +116,7 @@ def test_latent_batch_equals_video_batch(tiny_vae_dir, demo_batch):
     with torch.no_grad():
         module.dit.proj_out.weight.normal_(0, 0.2)  # a non-zero output: the loss depends on latents and text
         z = module.vae.encode(demo_batch["video"], normalize=True).mode()
-        text = module.encode_text(demo_batch["caption"])
+        text = module.conditioner.entries["text"].encode(demo_batch["caption"])
         ref = module.validation_step(demo_batch, 0)
         from_latent = module.validation_step({"latent": z, "caption": demo_batch["caption"]}, 0)
         from_emb = module.validation_step({"latent": z, "text_emb": text["context"],
@@ -161,10 +166,41 @@ def test_memorises_two_clips(tiny_vae_dir, two_clips):
         loss.backward()
         opt.step()
     module.eval()
-    pipe = DiTPipeline(module.dit, module.text, module.vae, module.flow)
+    pipe = DiTPipeline(module.dit, module.conditioner, module.vae, module.flow)
     out = pipe(captions, num_frames=5, height=32, width=32, steps=20, guidance=1.0, seed=[1, 2])
     mse = ((out.latents[:, None] - z[None]) ** 2).flatten(2).mean(-1)  # [generated, reference]
     print(f"final loss {loss.item():.4f}; latent MSE [generated x reference] {mse.tolist()}")
     assert mse[0, 0] < mse[0, 1] and mse[1, 1] < mse[1, 0]
     assert mse.diagonal().max() < 0.25 * torch.stack([mse[0, 1], mse[1, 0]]).min()
     assert out.video.shape == (2, 3, 5, 32, 32)
+
+
+def test_micro_batches_of_one_step_draw_different_t_and_noise():
+    from vidgen.training.rng import MicroBatchCounter
+
+    counter = MicroBatchCounter()
+    draws = [torch.randn(4, generator=counter.generator(step)) for step in (7, 7, 8, 8)]
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[2], draws[3])  # two micro-batches of a step
+    again = MicroBatchCounter()  # a resumed run starts at a step boundary: the same draws again
+    assert all(torch.equal(torch.randn(4, generator=again.generator(s)), d) for s, d in zip((7, 7, 8, 8), draws))
+
+
+def test_cfg_dropout_on_precomputed_text_uses_the_shards_null():
+    """Latent-shard batches: dropout swaps in the shards' own null embedding; the text encoder is never built."""
+    def never_built(dim: int):
+        raise AssertionError("the text encoder must not be loaded to train on precomputed embeddings")
+
+    factory = partial(never_built, dim=8)  # what a Hydra `_partial_: true` HFTextEncoder gives
+    entry = TextCondition(factory, dropout=0.999)
+    emb, null = torch.randn(3, 5, 8), torch.randn(6, 8)
+    null_mask = torch.tensor([True, True, True, False, False, False])
+    batch = {"text_emb": emb, "text_mask": torch.ones(3, 5, dtype=torch.bool),
+             "text_null_emb": null[None].expand(3, 6, 8), "text_null_mask": null_mask[None].expand(3, 6)}
+    cond = Conditioner(text=entry)(batch, drop=True, generator=torch.Generator().manual_seed(0))
+    assert cond["context"].shape == (3, 6, 8)
+    assert all(torch.equal(cond["context"][i], null) and torch.equal(cond["context_mask"][i], null_mask)
+               for i in range(3))
+    kept = Conditioner(text=entry)(batch, drop=False)
+    assert torch.equal(kept["context"], emb)
+    with pytest.raises(ValueError, match="null embedding"):
+        Conditioner(text=entry)({"text_emb": emb}, drop=True)

@@ -23,6 +23,7 @@ from vidgen.io.fingerprint import fingerprint_folder, fingerprint_module
 from vidgen.models.dit import DiT
 from vidgen.models.text import ByteTextEncoder
 from vidgen.models.vae import VideoVAE
+from vidgen.io.pretrained import load_pretrained, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKETS = ["9x32x32", "9x32x64", "1x32x32"]  # small square and wide buckets (latents 4x4, 4x8: DiT patch 2)
@@ -36,12 +37,12 @@ def _vae(folder: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     vae = instantiate(OmegaConf.load(ROOT / "configs" / "model" / "vae" / "tiny.yaml"))
     vae.set_latent_stats(torch.rand(4) * 0.2 - 0.1, torch.rand(4) * 0.5 + 0.75)  # the normalisation must show
-    return vae.save_pretrained(folder)
+    return save_pretrained(vae, folder)
 
 
 def _text(folder: Path, seed: int) -> Path:
     torch.manual_seed(seed)
-    return ByteTextEncoder(**TEXT).save_pretrained(folder)
+    return save_pretrained(ByteTextEncoder(**TEXT), folder)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_counts_manifest_and_fingerprints(encoded, clips, models):
     assert [s["name"] for s in manifest["shards"]] == [f"latents-r00-{i:06d}.tar" for i in range(4)]
     # The same fingerprint from the folder (encoder side) and from the built module (a training run).
     vae_fp = fingerprint_folder(models["vae"])
-    assert manifest["vae"]["fingerprint"] == vae_fp == fingerprint_module(VideoVAE.from_pretrained(models["vae"]))
+    assert manifest["vae"]["fingerprint"] == vae_fp == fingerprint_module(load_pretrained(models["vae"], VideoVAE))
     assert manifest["vae"]["fingerprint"] != fingerprint_folder(models["vae_other"])
     assert manifest["text_encoder"]["fingerprint"] == fingerprint_folder(models["text"])
     null_emb, null_mask = load_null_text(encoded)
@@ -104,8 +105,8 @@ def test_counts_manifest_and_fingerprints(encoded, clips, models):
 
 
 def test_latents_equal_direct_vae_encode(encoded, clips, models):
-    vae = VideoVAE.from_pretrained(models["vae"]).eval()
-    text = ByteTextEncoder.from_pretrained(models["text"]).eval()
+    vae = load_pretrained(models["vae"], VideoVAE).eval()
+    text = load_pretrained(models["text"], ByteTextEncoder).eval()
     stored = _samples(encoded)
     by_shape: dict[tuple, list[str]] = {}
     for key in sorted(stored):
@@ -131,14 +132,16 @@ def _latent_dm(shards: Path, expected_vae: Path | None, **kw) -> LatentDataModul
 
 
 def _dit_module(models: dict):
+    from vidgen.conditioning import Conditioner, TextCondition
     from vidgen.training.dit_module import DiTModule
 
     torch.manual_seed(0)
     dit = DiT(in_channels=4, dim=32, depth=2, num_heads=2, ffn_dim=64, text_dim=TEXT["dim"], freq_dim=32)
     with torch.no_grad():
         dit.proj_out.weight.normal_(0, 0.2)  # non-zero output, so the loss depends on the input
-    return DiTModule(dit, ByteTextEncoder.from_pretrained(models["text"]), vae_path=str(models["vae"]),
-                     optimizer=partial(torch.optim.AdamW, lr=1e-3), flow={"cfg_dropout": 0.0})
+    text = TextCondition(load_pretrained(models["text"], ByteTextEncoder), dropout=0.0)
+    return DiTModule(dit, Conditioner(text=text), vae_path=str(models["vae"]),
+                     optimizer=partial(torch.optim.AdamW, lr=1e-3))
 
 
 def test_dit_loss_on_latent_batch_equals_on_the_fly(encoded, clips, models):
@@ -153,9 +156,9 @@ def test_dit_loss_on_latent_batch_equals_on_the_fly(encoded, clips, models):
         z = module.latents(batch, sample=False)
         t, noise = torch.rand(z.shape[0], generator=gen), torch.randn(z.shape, generator=gen)
         with torch.no_grad():
-            on_latents = module.flow.loss(module.dit, z, module.condition(batch, drop=False), t=t, noise=noise)
-            on_the_fly = module.flow.loss(module.dit, module.latents(pixels, sample=False),
-                                          module.condition(pixels, drop=False), t=t, noise=noise)
+            on_latents = module.denoiser.loss(z, module.conditioner(batch), t=t, noise=noise)
+            on_the_fly = module.denoiser.loss(module.latents(pixels, sample=False), module.conditioner(pixels),
+                                              t=t, noise=noise)
         assert batch["latent"].shape[0] == len(batch["key"]) and batch["text_mask"].shape == batch["text_emb"].shape[:2]
         torch.testing.assert_close(on_latents, on_the_fly, rtol=1e-4, atol=1e-6)
         checked += 1

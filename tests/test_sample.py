@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 
 from test_dit_training import make_tiny_vae_export
 from vidgen.io.video import read_video
-from vidgen.sampling_pipeline import DiTPipeline, SamplingError
-from vidgen.training.checkpoint import load_checkpoint
-from vidgen.training.export_dit import main as export_main
+from vidgen.io.checkpoint import load_checkpoint, main as export_main, read_parts
+from vidgen.io.fingerprint import fingerprint_folder
+from vidgen.pipeline import DiTPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}  # tiny models: 1 thread is fastest
@@ -53,9 +53,13 @@ def trained(tmp_path_factory, demo_shards, tiny_vae_dir) -> Path:
 
 def test_checkpoint_describes_itself(trained, tiny_vae_dir):
     ckpt = load_checkpoint(trained / "checkpoints" / "last.ckpt")  # weights_only=True
-    assert ckpt["vidgen"]["task"] == "dit" and ckpt["global_step"] == 3
-    assert ckpt["dit_config"]["in_channels"] == 4  # wired to the VAE export's latent channels
-    assert ckpt["vae"]["path"] == str(tiny_vae_dir.resolve()) and len(ckpt["vae"]["fingerprint"]) == 16
+    meta = ckpt["vidgen"]
+    assert meta["task"] == meta["kind"] == "dit" and ckpt["global_step"] == 3 and meta["format"] == 2
+    assert meta["parts"]["dit"]["class"] == "vidgen.models.dit.DiT"
+    assert meta["parts"]["dit"]["config"]["in_channels"] == 4  # wired to the VAE export's latent channels
+    assert meta["meta"]["conditioner"] == {"text": {"class": "vidgen.conditioning.text.TextCondition", "dropout": 0.1}}
+    vae = meta["meta"]["vae"]
+    assert vae["path"] == str(tiny_vae_dir.resolve()) and vae["fingerprint"] == fingerprint_folder(tiny_vae_dir)
     assert not any(k.startswith("vae") for k in ckpt["state_dict"])
     assert "EMA" in ckpt["callbacks"]
     metrics = (trained / "csv" / "metrics.csv").read_text()
@@ -81,9 +85,16 @@ def test_sample_py_writes_video_sheet_and_settings(trained, tmp_path):
 def test_export_samples_equal_checkpoint_samples(trained, tmp_path):
     ckpt = trained / "checkpoints" / "last.ckpt"
     folder = tmp_path / "export"
-    assert export_main([str(ckpt), str(folder)]) == 0  # python -m vidgen.training.export_dit CKPT OUT
-    assert json.loads((folder / "vidgen.json").read_text())["kind"] == "dit_export"
-    assert {p.name for p in folder.iterdir()} == {"vidgen.json", "dit", "text_encoder", "flow.json", "vae.json", "vae"}
+    assert export_main([str(ckpt), str(folder)]) == 0  # python -m vidgen.io.checkpoint CKPT OUT
+    assert json.loads((folder / "vidgen.json").read_text())["kind"] == "dit"
+    assert {p.name for p in folder.iterdir()} == {"vidgen.json", "dit", "cond.text", "vae"}
+    a_parts, b_parts = read_parts(ckpt), read_parts(folder)  # the two forms read into equal parts
+    assert a_parts.kind == b_parts.kind and a_parts.parts.keys() == b_parts.parts.keys()
+    for name, part in a_parts.parts.items():
+        other = b_parts.parts[name]
+        assert part.cls == other.cls and part.config == other.config
+        assert part.state.keys() == other.state.keys() and all(torch.equal(part.state[k], other.state[k])
+                                                                for k in part.state)
     kwargs = dict(prompts=["bikes", "bunny"], num_frames=5, height=32, width=32, steps=3, guidance=3.0, seed=11)
     a = DiTPipeline.from_pretrained(ckpt, device="cpu")(**kwargs)
     b = DiTPipeline.from_pretrained(folder, device="cpu")(**kwargs)
@@ -109,11 +120,11 @@ def test_wrong_kind_checkpoint_is_one_line_and_exit_1(tmp_path):
     out = run("sample.py", f"ckpt={vae_ckpt}", "prompt=x", f"out_dir={tmp_path}")
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     expected = f"error: ckpt={vae_ckpt}: a 'vae' checkpoint, expected a 'dit' checkpoint or export folder"
-    assert out.returncode == 1 and lines == [expected], out.stderr
+    assert out.returncode == 2 and lines == [expected], out.stderr
 
 
 def test_bad_settings_and_missing_inputs_are_sampling_errors(trained, tmp_path):
-    """What sample.py's main turns into one `error: ...` line and exit 1 (checked above for a wrong-kind ckpt)."""
+    """What sample.py's main turns into one `error: ...` line and exit 2 (checked above for a wrong-kind ckpt)."""
     from sample import run as sample_run
 
     base = OmegaConf.load(ROOT / "configs" / "sample.yaml")
@@ -123,12 +134,13 @@ def test_bad_settings_and_missing_inputs_are_sampling_errors(trained, tmp_path):
                                ("image", str(tmp_path / "nope.png"), "image="),
                                ("num_frames", 6, "num_frames=6: .* 1 \\+ 4k frames"),
                                ("height", 40, "height=40, width=.*multiples of 16"),
-                               ("sampler", "ddim", "sampler=ddim")]:
+                               ("sampler", "ddim", "sampler=ddim"), ("guidance", -5, "guidance=-5"),
+                               ("steps", 0, "steps=0")]:
         cfg = base.copy()
         cfg.ckpt = str(trained / "checkpoints" / "last.ckpt")
         cfg.prompt = None if key == "prompts_file" else "x"
         cfg.merge_with({"num_frames": 5, "height": 32, "width": 32, "steps": 1, key: value})
-        with pytest.raises(SamplingError, match=needle):
+        with pytest.raises(ValueError, match=needle):
             sample_run(cfg)
 
 

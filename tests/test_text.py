@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vidgen.models.text import ByteTextEncoder, HFTextEncoder
+from vidgen.io.pretrained import load_pretrained, save_pretrained
 
 CAPTIONS = ["a cat on a mat", "a dog in the fog on a red mat", ""]
 
@@ -33,8 +34,8 @@ def test_byte_encoder_padding_does_not_change_tokens_and_it_trains(tmp_path):
     torch.testing.assert_close(emb_batch[0, :7], emb_alone[0], atol=1e-5, rtol=1e-5)
     emb_batch.square().mean().backward()
     assert enc.token_embedding.weight.grad.abs().sum() > 0 and enc.trainable
-    enc.save_pretrained(tmp_path)
-    loaded = ByteTextEncoder.from_pretrained(tmp_path)
+    save_pretrained(enc, tmp_path)
+    loaded = load_pretrained(tmp_path, ByteTextEncoder)
     torch.testing.assert_close(loaded(CAPTIONS)[0], enc(CAPTIONS)[0], atol=0, rtol=0)
 
 

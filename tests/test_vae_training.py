@@ -14,6 +14,7 @@ import torch
 from vidgen.eval.metrics import LPIPS, load_lpips, psnr, ssim
 from vidgen.models.vae import VideoVAE
 from vidgen.training.vae_module import VAEModule
+from vidgen.io.pretrained import load_pretrained
 
 TINY = dict(latent_channels=4, base_channels=8, channel_mult=[1, 2, 4, 4], num_res_blocks=1,
             temporal_downsample=[False, True, True])
@@ -119,8 +120,9 @@ def test_discriminator_path_on_image_and_video_batches(clip, tmp_path):
 def test_checkpoint_export_round_trip(clip, tmp_path):
     from safetensors.torch import load_file
 
+    from vidgen.data.latent_stats import store_latent_stats
+    from vidgen.io.checkpoint import CheckpointError, read_parts, write_export
     from vidgen.training.callbacks import EMA
-    from vidgen.training.export_vae import export_vae, load_vae_from_checkpoint
 
     module = make_module(lpips_weight=0.0, log_video_every=2)
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)
@@ -131,16 +133,17 @@ def test_checkpoint_export_round_trip(clip, tmp_path):
     raw = torch.load(ckpt, weights_only=True)  # no pickled objects in our checkpoints
     live = module.vae.encoder.conv_in.weight.detach()
     assert torch.equal(live, raw["state_dict"]["vae.encoder.conv_in.weight"])  # ...then swapped back
-    assert raw["vae_config"]["channel_mult"] == [1, 2, 4, 4]
+    assert raw["vidgen"]["kind"] == "vae" and raw["vidgen"]["parts"]["vae"]["config"]["channel_mult"] == [1, 2, 4, 4]
     assert (tmp_path / "recon" / "step0000002.png").is_file() and (tmp_path / "recon" / "step0000002.mp4").is_file()
 
     out = tmp_path / "export"
-    vae = export_vae(ckpt, out, batches=[batch_of(clip)] * 2, stats_clips=2)
+    write_export(read_parts(ckpt, kind="vae"), out)
+    vae = store_latent_stats(out, [batch_of(clip)] * 2, clips=2)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     ema_w = raw["callbacks"]["EMA"]["shadow"]["vae.encoder.conv_in.weight"]
     torch.testing.assert_close(load_file(out / "model.safetensors")["encoder.conv_in.weight"], ema_w)
     assert not torch.equal(ema_w, raw["state_dict"]["vae.encoder.conv_in.weight"])
-    loaded = VideoVAE.from_pretrained(out)
+    loaded = load_pretrained(out, VideoVAE)
     assert loaded.has_latent_stats and torch.equal(loaded.latent_std, vae.latent_std)
     with torch.no_grad():
         z_a, z_b = vae.encode(clip, normalize=True).mean, loaded.encode(clip, normalize=True).mean
@@ -148,8 +151,8 @@ def test_checkpoint_export_round_trip(clip, tmp_path):
         assert abs(z_a.mean().item()) < 0.1 and abs(z_a.std().item() - 1) < 0.1  # measured on this very clip
 
     torch.save({"state_dict": {}, "vidgen": {"task": "dit"}}, tmp_path / "dit.ckpt")
-    with pytest.raises(ValueError, match="not a VAE checkpoint"):
-        load_vae_from_checkpoint(tmp_path / "dit.ckpt")
+    with pytest.raises(CheckpointError, match="a 'dit' checkpoint, expected a 'vae'"):
+        read_parts(tmp_path / "dit.ckpt", kind="vae")
 
 
 def test_lpips_from_local_weights_and_metrics(tmp_path):
@@ -175,16 +178,18 @@ def test_lpips_from_local_weights_and_metrics(tmp_path):
 
 def test_eval_and_export_clis_on_demo_shards(tmp_path, demo_shards):
     from vidgen.eval.vae import main as eval_main
-    from vidgen.training.export_vae import main as export_main
+    from vidgen.data.latent_stats import main as stats_main
+    from vidgen.io.checkpoint import main as export_main
 
     module = make_module(lpips_weight=0.0)
     trainer = make_trainer(tmp_path, 1)
     trainer.fit(module, train_dataloaders=loader(batch_of(torch.rand(1, 3, 9, 32, 32) * 2 - 1)))
     trainer.save_checkpoint(tmp_path / "vae.ckpt")
     out = tmp_path / "export"
-    export_main([str(tmp_path / "vae.ckpt"), str(out), "stats_clips=2", f"shards={demo_shards}", "frames=9",
-                 "size=64", "decoder=pyav"])
-    assert VideoVAE.from_pretrained(out).has_latent_stats
+    assert export_main([str(tmp_path / "vae.ckpt"), str(out)]) == 0
+    assert stats_main([f"vae={out}", "clips=2", f"shards={demo_shards}", "frames=9", "size=64",
+                       "decoder=pyav"]) == 0
+    assert load_pretrained(out, VideoVAE).has_latent_stats
     summary = eval_main([f"vae={out}", f"shards={demo_shards}", "frames=9", "size=64", "clips=2", "chunk=1",
                          "decoder=pyav", f"out={tmp_path / 'eval'}"])
     assert summary["clips"] == 2 and 0 < summary["psnr"] < 60 and -1 <= summary["ssim"] <= 1

@@ -1,4 +1,4 @@
-"""Clip shards -> bucketed video batches: decoding (decord | PyAV), clip sampling, buckets, ClipDataModule.
+"""Clip and latent shards -> one-shape batches: decoding (decord | PyAV), clip sampling, buckets, data modules.
 
 Exports resolve lazily (PEP 562) so that light submodules (e.g. `vidgen.data.scan` in shard-writing
 workers) do not pull in Lightning.
@@ -7,12 +7,13 @@ workers) do not pull in Lightning.
 from importlib import import_module
 
 _EXPORTS = {
+    "ShardDataModule": "base", "ClipBatch": "batches", "LatentBatch": "batches",
     "DROP_REASONS": "buckets", "Bucket": "buckets", "BucketAssigner": "buckets", "parse_buckets": "buckets",
     "to_bucket": "buckets", "DataStatsCallback": "callbacks", "ClipDataModule": "datamodule",
     "DecodeError": "decode", "VideoMeta": "decode", "decode_frames": "decode", "open_video": "decode",
-    "probe_video": "decode", "ClipLoader": "pipeline", "build_clip_dataset": "pipeline",
+    "probe_video": "decode", "LatentDataModule": "latents", "ClipLoader": "pipeline", "build_clip_dataset": "pipeline",
     "clip_indices": "sampling", "frame_step": "sampling", "max_clip_frames": "sampling",
-    "DataConfigError": "shards", "resolve_shards": "shards",
+    "DataConfigError": "shards", "resolve_shards": "shards", "DataStarvedError": "starvation",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import random
 from itertools import islice
 from typing import Iterator, Mapping, Sequence
@@ -19,10 +20,14 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from vidgen.data.buckets import Assignment, Bucket, BucketAssigner, normalize, to_bucket_uint8
+from vidgen.data.batches import ClipBatch
+from vidgen.data.buckets import Assignment, Bucket, BucketAssigner, batch_sizes_per_bucket, normalize, to_bucket_uint8
 from vidgen.data.decode import DecodeError, open_video
 from vidgen.data.sampling import clip_indices, sample_rng
-from vidgen.data.stats import STATS_KEY, LoaderStats, WorkerCounts, worker_id
+from vidgen.data.starvation import DataStarvedError, StarveContext, clip_fixes, describe_shards, starved_message
+from vidgen.data.stats import DRAW_KEY, STARVED_KEY, STATS_KEY, LoaderStats, WorkerCounts, worker_id
+
+log = logging.getLogger(__name__)
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 
@@ -78,13 +83,23 @@ class NodeSplit:
 
 
 class TarSamples:
-    """Tar streams -> raw samples {"__key__", "mp4", "json", ...}; unreadable tars/members are counted, not raised."""
+    """Tar streams -> raw samples {"__key__", "mp4", "json", ...}; unreadable tars/members are counted, not raised.
+
+    Each shard read is a draw of `counts` (its samples carry the draw id), so the starvation guard knows when
+    a shard has been read and all its samples processed.
+    """
 
     def __init__(self, counts: WorkerCounts):
         self.counts = counts
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        return wds.tarfile_samples(src, handler=self.counts.handler)
+        for item in src:
+            draw = self.counts.start_shard(item["url"])
+            for sample in wds.tarfile_samples(iter([item]), handler=self.counts.handler):
+                sample[DRAW_KEY] = draw
+                self.counts.read_sample(draw)
+                yield sample
+            self.counts.end_shard(draw)
 
 
 class SampleShuffle:
@@ -99,7 +114,77 @@ class SampleShuffle:
         return wds.shuffle(self.size, initial=min(self.size, 64), rng=random.Random(seed))(src)
 
 
-class ClipTransform:
+class SampleDrop(Exception):
+    """A sample that cannot be used: `reason` (a DROP_REASONS entry) and, as the message, what was wrong."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(detail)
+        self.reason = reason
+
+
+class SampleTransform:
+    """Base of the decode stages: raw tar sample -> sample dict, or None after counting why it was dropped.
+
+    Subclasses implement `transform(raw, key)` and raise SampleDrop; any other error inside one sample is
+    counted as `corrupt` too: a damaged sample is never fatal (the loader stops only when none survives).
+    """
+
+    counts: WorkerCounts
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        for raw in src:
+            out = self.process(raw)
+            self.counts.sample_done(raw.get(DRAW_KEY), out is not None)
+            if out is not None:
+                yield out
+
+    def process(self, raw: dict) -> dict | None:
+        """One raw sample -> transformed dict, or None after counting why it was dropped."""
+        key = raw.get("__key__", "?")
+        try:
+            return self.transform(raw, key)
+        except SampleDrop as drop:
+            self.counts.add(drop.reason, key, str(drop) or None)
+        except Exception as e:  # decoders and parsers raise many types for damaged bytes
+            self.counts.add("corrupt", key, f"{type(e).__name__}: {e}")
+        return None
+
+    def transform(self, raw: dict, key: str) -> dict:
+        raise NotImplementedError
+
+
+def read_meta(raw: Mapping) -> dict:
+    """The sample's json member -> dict; raises SampleDrop("corrupt") when missing, not UTF-8 or not an object."""
+    data = raw.get("json")
+    if data is None:
+        raise SampleDrop("corrupt", "no json member")
+    try:
+        meta = json.loads(data)
+    except UnicodeDecodeError as e:  # e.g. a caption written in latin-1
+        raise SampleDrop("corrupt", f"json is not UTF-8 ({e.reason} at byte {e.start})") from None
+    except ValueError as e:
+        raise SampleDrop("corrupt", f"json does not parse ({e})") from None
+    if not isinstance(meta, dict):
+        raise SampleDrop("corrupt", "json is not an object")
+    return meta
+
+
+VIDEO_FIELDS = ("num_frames", "width", "height")
+
+
+def video_fields(meta: Mapping) -> tuple[int, int, int, float]:
+    """(num_frames, width, height, fps) of a video sample's json (fps 0 when unknown); raises SampleDrop."""
+    missing = [k for k in VIDEO_FIELDS if meta.get(k) is None]
+    if missing:
+        raise SampleDrop("corrupt", f"json lacks {'/'.join(missing)}")
+    try:
+        return (int(meta["num_frames"]), int(meta["width"]), int(meta["height"]),
+                float(meta.get("fps") or 0.0))
+    except (TypeError, ValueError) as e:
+        raise SampleDrop("corrupt", f"json num_frames/width/height/fps are not numbers ({e})") from None
+
+
+class ClipTransform(SampleTransform):
     """Raw sample -> {"video" [3, T, H, W] uint8, "caption", "key", "fps", "bucket"}, or a counted drop.
 
     Pixels stay uint8 until `collate` normalises the whole batch at once (a quarter of the copying).
@@ -110,79 +195,52 @@ class ClipTransform:
         self.assigner, self.counts, self.state, self.train, self.seed = assigner, counts, state, train, seed
         self.decoder, self.decoder_threads, self.require_caption = decoder, decoder_threads, require_caption
 
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        for sample in src:
-            out = self.process(sample)
-            if out is not None:
-                yield out
-
-    def process(self, sample: dict) -> dict | None:
-        """One sample -> transformed dict, or None after counting why it was dropped."""
-        key = sample.get("__key__", "?")
-        try:
-            meta = json.loads(sample["json"])
-            if not isinstance(meta, dict):
-                raise ValueError("json is not an object")
-        except (KeyError, ValueError, TypeError) as e:
-            self.counts.add("corrupt", key, f"bad or missing json member ({type(e).__name__}: {e})")
-            return None
+    def transform(self, raw: dict, key: str) -> dict:
+        meta = read_meta(raw)
         caption = str(meta.get("caption") or "")
         if self.require_caption and not caption.strip():
-            self.counts.add("no_caption", key)
-            return None
-        media = sample.get("mp4")
-        if media is None:
-            image_ext = next((e for e in IMAGE_MEMBERS if e in sample), None)
-            if image_ext is None:
-                self.counts.add("corrupt", key, "no mp4 (or image) member")
-                return None
-            return self._image(sample[image_ext], meta, caption, key)
-        return self._video(media, meta, caption, key)
+            raise SampleDrop("no_caption")
+        media = raw.get("mp4")
+        if media is not None:
+            return self._video(media, meta, caption, key)
+        image_ext = next((e for e in IMAGE_MEMBERS if e in raw), None)
+        if image_ext is None:
+            raise SampleDrop("corrupt", "no mp4 (or image) member")
+        return self._image(raw[image_ext], meta, caption, key)
 
-    def _plan(self, meta: Mapping, num_frames: int, key: str) -> Assignment | None:
-        try:
-            plan = self.assigner.assign(num_frames, float(meta.get("fps") or 0.0),
-                                        int(meta["width"]), int(meta["height"]))
-        except (KeyError, ValueError, TypeError) as e:
-            self.counts.add("corrupt", key, f"json lacks fps/width/height ({e})")
-            return None
+    def _plan(self, num_frames: int, fps: float, width: int, height: int) -> Assignment:
+        plan = self.assigner.assign(num_frames, fps, width, height)
         if isinstance(plan, str):
-            self.counts.add(plan, key, "metadata gives no frames or no size")
-            return None
+            detail = (f"{num_frames} frame(s) at {fps:g} fps, {width}x{height}" if plan != "corrupt"
+                      else "json gives no frames or no size")
+            raise SampleDrop(plan, detail)
         return plan
 
-    def _video(self, data: bytes, meta: dict, caption: str, key: str) -> dict | None:
+    def _video(self, data: bytes, meta: dict, caption: str, key: str) -> dict:
+        num_frames, width, height, fps = video_fields(meta)
         # Plan from the json first: samples that fit no bucket are dropped without touching the mp4.
-        plan = self._plan(meta, int(meta.get("num_frames") or 0), key)
-        if plan is None:
-            return None
+        plan = self._plan(num_frames, fps, width, height)
         rng = sample_rng(self.seed, self.state.epoch, key) if self.train else None
         try:
             reader = open_video(data, self.decoder, self.decoder_threads)
-            if reader.num_frames < int(meta["num_frames"]):
+            if reader.num_frames < num_frames:
                 # The container is the truth: re-plan for the frames it really holds.
-                plan = self._plan(meta, reader.num_frames, key)
-                if plan is None:
-                    return None
+                plan = self._plan(reader.num_frames, fps, width, height)
             indices = clip_indices(reader.num_frames, plan.bucket.frames, plan.step, rng)
             frames = reader.get(indices)  # [T, H, W, 3] uint8
         except DecodeError as e:
-            self.counts.add("corrupt", key, e)
-            return None
-        src_fps = float(meta.get("fps") or reader.fps or 0.0)
-        return self._emit(frames, plan.bucket, rng, caption, key, src_fps / plan.step)
+            raise SampleDrop("corrupt", str(e)) from None
+        return self._emit(frames, plan.bucket, rng, caption, key, (fps or reader.fps or 0.0) / plan.step)
 
-    def _image(self, data: bytes, meta: dict, caption: str, key: str) -> dict | None:
+    def _image(self, data: bytes, meta: dict, caption: str, key: str) -> dict:
         try:
             frames = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[None]  # [1, H, W, 3]
         except Exception as e:  # PIL raises many types for bad files
-            self.counts.add("corrupt", key, e)
-            return None
-        plan = self._plan({**meta, "height": frames.shape[1], "width": frames.shape[2]}, 1, key)
-        if plan is None:
-            return None
+            raise SampleDrop("corrupt", f"image does not decode ({type(e).__name__}: {e})") from None
+        fps = float(meta.get("fps") or 0.0)
+        plan = self._plan(1, fps, frames.shape[2], frames.shape[1])
         rng = sample_rng(self.seed, self.state.epoch, key) if self.train else None
-        return self._emit(frames, plan.bucket, rng, caption, key, float(meta.get("fps") or 0.0))
+        return self._emit(frames, plan.bucket, rng, caption, key, fps)
 
     @staticmethod
     def _emit(frames, bucket: Bucket, rng, caption: str, key: str, fps: float) -> dict:
@@ -190,8 +248,8 @@ class ClipTransform:
         return {"video": video, "caption": caption, "key": key, "fps": fps, "bucket": bucket}
 
 
-def collate(samples: list[dict]) -> dict:
-    """Samples of one bucket -> batch {"video" [B, 3, T, H, W] float32 in [-1, 1], "caption", "key", "fps" [B]}."""
+def collate(samples: list[dict]) -> ClipBatch:
+    """Samples of one bucket -> ClipBatch {"video" [B, 3, T, H, W] float32 in [-1, 1], "caption", "key", "fps" [B]}."""
     return {
         "video": normalize(torch.stack([s["video"] for s in samples])),
         "caption": [s["caption"] for s in samples],
@@ -200,46 +258,83 @@ def collate(samples: list[dict]) -> dict:
     }
 
 
-class BucketBatcher:
-    """Per-bucket accumulators: yield a batch when a bucket holds its batch size, so each batch has one shape."""
+class Batcher:
+    """Last stage: per-shape accumulators, so each batch has one shape; every item carries the worker's counts.
 
-    def __init__(self, batch_sizes: Mapping[Bucket, int], counts: WorkerCounts, drop_last: bool = False):
-        self.batch_sizes, self.counts, self.drop_last = dict(batch_sizes), counts, drop_last
+    Yields a batch when a group holds its batch size, then (unless `drop_last`) the partial groups, then a
+    stats-only item. A starved stream (DataStarvedError upstream) ends with a `__starved__` item instead, so the
+    main process raises it as one line rather than a worker traceback. Subclasses say how samples group and batch.
+    """
+
+    def __init__(self, counts: WorkerCounts, drop_last: bool = False):
+        self.counts, self.drop_last = counts, drop_last
+
+    def group(self, sample: dict):
+        """The (sortable) shape key of a sample."""
+        raise NotImplementedError
+
+    def size(self, sample: dict) -> int:
+        """The batch size of the sample's group."""
+        raise NotImplementedError
+
+    def collate(self, samples: list[dict]) -> dict:
+        raise NotImplementedError
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         self.counts.reset()  # before any upstream stage runs: counts are per pass
-        pending: dict[Bucket, list[dict]] = {b: [] for b in self.batch_sizes}
-        for sample in src:
-            group = pending[sample["bucket"]]
-            group.append(sample)
-            if len(group) == self.batch_sizes[sample["bucket"]]:
-                yield {**collate(group), STATS_KEY: self.counts.snapshot()}
-                group.clear()
+        pending: dict = {}
+        try:
+            for sample in src:
+                group = pending.setdefault(self.group(sample), [])
+                group.append(sample)
+                if len(group) >= self.size(sample):
+                    yield self._batch(group)
+                    group.clear()
+        except DataStarvedError as e:
+            yield {STARVED_KEY: str(e), STATS_KEY: self.counts.snapshot()}
+            return
         if not self.drop_last:
-            for group in pending.values():
-                if group:
-                    yield {**collate(group), STATS_KEY: self.counts.snapshot()}
+            for key in sorted(pending):
+                if pending[key]:
+                    yield self._batch(pending[key])
         yield {STATS_KEY: self.counts.snapshot()}  # stats-only: counts after the last batch reach the main process
+
+    def _batch(self, samples: list[dict]) -> dict:
+        return {**self.collate(samples), STATS_KEY: self.counts.snapshot()}
+
+
+class BucketBatcher(Batcher):
+    """Clip samples grouped by bucket, batch sizes per Bucket."""
+
+    def __init__(self, batch_sizes: Mapping[Bucket, int], counts: WorkerCounts, drop_last: bool = False):
+        super().__init__(counts, drop_last)
+        self.batch_sizes = dict(batch_sizes)
+
+    def group(self, sample: dict) -> Bucket:
+        return sample["bucket"]
+
+    def size(self, sample: dict) -> int:
+        return self.batch_sizes[sample["bucket"]]
+
+    def collate(self, samples: list[dict]) -> ClipBatch:
+        return collate(samples)
 
 
 class ClipDataset(wds.DataPipeline):
-    """The whole pipeline as one IterableDataset; `state.epoch` and `counts` are shared with its stages."""
+    """The whole pipeline as one IterableDataset; `state.epoch` and `counts` are shared with its stages.
+
+    `context` (from the counts) names the shards in the error raised when a pass yields no batch.
+    """
 
     def __init__(self, *stages, state: PipelineState, counts: WorkerCounts):
         super().__init__(*stages)
         self.state, self.counts = state, counts
+        self.context = counts.context or StarveContext("data", "?")
 
 
-def build_clip_dataset(urls: Sequence[str], *, buckets, batch_size, train: bool, seed: int = 0,
-                       target_fps: float | None = None, frame_stride: int = 1, max_upscale: float | None = 1.0,
-                       shuffle_buffer: int = 0, resampled: bool = False, decoder: str = "decord",
-                       decoder_threads: int = 1, require_caption: bool = False, drop_last: bool = False,
-                       rank: int | None = None, world_size: int | None = None) -> ClipDataset:
-    """Shard paths -> ClipDataset yielding one-bucket batches (see ClipTransform / BucketBatcher for the fields)."""
-    from vidgen.data.buckets import batch_sizes_per_bucket
-
-    state, counts = PipelineState(), WorkerCounts()
-    assigner = BucketAssigner(buckets, target_fps=target_fps, frame_stride=frame_stride, max_upscale=max_upscale)
+def source_stages(urls: Sequence[str], state: PipelineState, counts: WorkerCounts, *, train: bool, seed: int,
+                  shuffle_buffer: int, resampled: bool, rank: int | None, world_size: int | None) -> list:
+    """The stages every shard pipeline starts with: shards -> node/worker split -> raw samples -> shuffle."""
     stages: list = [ShardSource(urls, state, shuffle=train, resampled=resampled, seed=seed, rank=rank,
                                 world_size=world_size)]
     if not resampled:  # resampled draws are already independent per rank and worker
@@ -247,6 +342,29 @@ def build_clip_dataset(urls: Sequence[str], *, buckets, batch_size, train: bool,
     stages.append(TarSamples(counts))
     if shuffle_buffer > 1:
         stages.append(SampleShuffle(shuffle_buffer, state, seed, rank, world_size))
+    return stages
+
+
+def worker_counts(urls: Sequence[str], resampled: bool, max_empty_draws: int | None,
+                  context: StarveContext | None) -> WorkerCounts:
+    """Counts for a pipeline; a resampled (endless) one gets the starvation guard."""
+    return WorkerCounts(starve_after=max_empty_draws if resampled else None, num_shards=len(set(urls)),
+                        context=context)
+
+
+def build_clip_dataset(urls: Sequence[str], *, buckets, batch_size, train: bool, seed: int = 0,
+                       target_fps: float | None = None, frame_stride: int = 1, max_upscale: float | None = 1.0,
+                       shuffle_buffer: int = 0, resampled: bool = False, decoder: str = "decord",
+                       decoder_threads: int = 1, require_caption: bool = False, drop_last: bool = False,
+                       rank: int | None = None, world_size: int | None = None, max_empty_draws: int | None = 50,
+                       context: StarveContext | None = None) -> ClipDataset:
+    """Shard paths -> ClipDataset yielding one-bucket ClipBatch dicts (see ClipTransform / BucketBatcher)."""
+    state = PipelineState()
+    context = context or StarveContext("data.train_shards", describe_shards(urls), clip_fixes("data.train_shards"))
+    counts = worker_counts(urls, resampled, max_empty_draws, context)
+    assigner = BucketAssigner(buckets, target_fps=target_fps, frame_stride=frame_stride, max_upscale=max_upscale)
+    stages = source_stages(urls, state, counts, train=train, seed=seed, shuffle_buffer=shuffle_buffer,
+                           resampled=resampled, rank=rank, world_size=world_size)
     stages.append(ClipTransform(assigner, counts, state, train=train, seed=seed, decoder=decoder,
                                 decoder_threads=decoder_threads, require_caption=require_caption))
     stages.append(BucketBatcher(batch_sizes_per_bucket(batch_size, assigner.buckets), counts, drop_last))
@@ -254,7 +372,8 @@ def build_clip_dataset(urls: Sequence[str], *, buckets, batch_size, train: bool,
 
 
 class ClipLoader(wds.WebLoader):
-    """WebLoader over a ClipDataset: advances the epoch each pass, strips and aggregates worker stats.
+    """WebLoader over a ClipDataset (clip or latent batches): advances the epoch each pass, strips and aggregates
+    worker stats, and stops with one DataStarvedError line when a pass yields no batch.
 
     Workers are not persistent: they are forked per pass, which is how the new epoch reaches them.
     `with_epoch(n)` fixes the pass at n batches (resampled mode; the pass restarts the stream if it ends).
@@ -304,6 +423,8 @@ class ClipLoader(wds.WebLoader):
             for item in iter(self.pipeline[0]):  # the torch DataLoader
                 if STATS_KEY in item:
                     self.stats.update(item.pop(STATS_KEY))
+                if STARVED_KEY in item:
+                    self._starved(item.pop(STARVED_KEY), got)
                 if not item:  # a stats-only item (the end of a worker's pass); batches may be video or latent
                     continue
                 got += 1
@@ -314,7 +435,23 @@ class ClipLoader(wds.WebLoader):
                 yield item
                 if self.num_batches is not None and produced >= self.num_batches:
                     return
+            if got == 0:
+                self._empty_pass()
             if self.num_batches is None:
                 return
-            if got == 0:
-                raise RuntimeError(f"the data stream yielded no batch (dropped/skipped so far: {self.stats.totals()})")
+
+    def _starved(self, message: str, got: int) -> None:
+        """A worker gave up on its endless stream: an error unless other workers already delivered batches."""
+        if got == 0:
+            raise DataStarvedError(message)
+        log.warning("a data worker stopped (its other draws kept nothing): %s", message)
+
+    def _empty_pass(self) -> None:
+        """A whole pass of this loader gave no batch: stop with one line (a rank without shards just ends)."""
+        now = self.stats.current()
+        if self.num_batches is None and now["shards"] == 0:
+            return  # this rank got no shard of a validation set (warned when the loader was built)
+        ctx = self.clip_dataset.context
+        scope = (f"a whole {ctx.role} pass over {now['shards']} shard(s)" if self.num_batches is None
+                 else f"a resampled {ctx.role} pass ({now['shards']} shard draw(s))")
+        raise DataStarvedError(starved_message(ctx, now["counts"], now["examples"], kept=now["kept"], scope=scope))

@@ -27,13 +27,10 @@ sampler's schedule uses (`vidgen.diffusion.sampling.timesteps`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
-Cond = dict[str, Any]
-VelocityModel = Callable[..., torch.Tensor]
 
 
 def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -51,40 +48,22 @@ def expand_t(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"t of shape {list(t.shape)} fits neither [B] nor [B, T] for x of shape {list(x.shape)}")
 
 
-def frame_mask(clean_frames: int | torch.Tensor | None, batch: int, frames: int,
-               device: torch.device) -> torch.Tensor | None:
-    """Clean-frame spec -> bool `[B, T]` (True = clean): an int k means frames [0:k]; a bool tensor passes through."""
-    if clean_frames is None:
-        return None
-    if isinstance(clean_frames, int):
-        if not 0 <= clean_frames <= frames:
-            raise ValueError(f"clean_frames={clean_frames} outside [0, {frames}] latent frames")
-        return (torch.arange(frames, device=device) < clean_frames).expand(batch, frames)
-    mask = torch.as_tensor(clean_frames, device=device).bool()
-    if mask.ndim == 1:
-        mask = mask.expand(batch, frames)
-    if mask.shape != (batch, frames):
-        raise ValueError(f"clean_frames mask must be [B, T] = [{batch}, {frames}], got {list(mask.shape)}")
-    return mask
-
-
 class RectifiedFlow:
-    """The flow-matching objective and denoiser: noising, target, loss, x0 prediction, timestep sampling.
+    """The flow-matching convention: noising, target, x0 / noise prediction, training-time t density.
 
     Args: logit_mean, logit_std: logit-normal t density; base_shift, base_tokens, min_shift, max_shift: the
     resolution-dependent shift `s(n)` above (base_shift=1 with no token dependence when base_tokens=None);
-    per_frame_t: draw an independent t per latent frame (Diffusion Forcing) instead of one per sample;
-    cfg_dropout: probability to drop the text of a training sample (for classifier-free guidance).
+    per_frame_t: draw an independent t per latent frame (Diffusion Forcing) instead of one per sample.
+    The network call, the loss and the clean-frame rule live in `vidgen.diffusion.denoiser.Denoiser`.
     """
 
     def __init__(self, logit_mean: float = 0.0, logit_std: float = 1.0, base_shift: float = 1.0,
                  base_tokens: int | None = 256, min_shift: float = 1.0, max_shift: float = 8.0,
-                 per_frame_t: bool = False, cfg_dropout: float = 0.1):
+                 per_frame_t: bool = False):
         self.logit_mean, self.logit_std = logit_mean, logit_std
         self.base_shift, self.base_tokens = base_shift, base_tokens
         self.min_shift, self.max_shift = min_shift, max_shift
         self.per_frame_t = per_frame_t
-        self.cfg_dropout = cfg_dropout
 
     # ---------------------------------------------------------------- the convention (written once)
     @staticmethod
@@ -108,11 +87,6 @@ class RectifiedFlow:
         """Noise estimate eps = x_t + (1 - t) v, `[B,C,T,H,W]`."""
         return x_t + (1 - expand_t(t, x_t)) * v
 
-    @staticmethod
-    def velocity(model: VelocityModel, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
-        """The denoiser call shared by training and every sampler: `model(x_t, t, **cond) -> v`."""
-        return model(x_t, t, **(cond or {}))
-
     # ---------------------------------------------------------------- timestep density
     def shift_for(self, num_tokens: int) -> float:
         """Resolution-dependent shift s(n) = base_shift * sqrt(n / base_tokens), clamped (SD3 Sec. 5.3.2)."""
@@ -129,66 +103,6 @@ class RectifiedFlow:
         u = torch.sigmoid(self.logit_mean + self.logit_std * u)
         shift = self.shift_for(num_tokens) if num_tokens is not None else self.base_shift
         return time_shift(u, shift).to(device)
-
-    # ---------------------------------------------------------------- training
-    def loss(self, model: VelocityModel, x0: torch.Tensor, cond: Cond | None = None, t: torch.Tensor | None = None,
-             noise: torch.Tensor | None = None, clean_frames: int | torch.Tensor | None = None,
-             num_tokens: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Flow-matching MSE `||model(x_t, t) - (eps - x0)||^2` averaged over noisy elements; scalar.
-
-        x0 `[B,C,T,H,W]` clean latents; t `[B]`/`[B,T]` (None: `sample_t`; the shift uses `num_tokens`, by
-        default T*H*W / prod(model.patch_size));
-        noise (None: standard normal); clean_frames: int k (frames [0:k]) or bool `[B,T]`: these frames get
-        t = 0 (so x_t = x0 there, the conditioning) and are excluded from the loss.
-        """
-        b, c, frames, h, w = x0.shape
-        if noise is None:
-            gen_device = generator.device if generator is not None else x0.device
-            noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
-        if t is None:
-            if num_tokens is None:  # the DiT exposes its patch size; other models count latent positions
-                num_tokens = num_latent_tokens(x0.shape, getattr(model, "patch_size", (1, 1, 1)))
-            t = self.sample_t(b, frames, num_tokens, generator=generator, device=x0.device)
-        t = torch.as_tensor(t, device=x0.device, dtype=torch.float32)
-        clean = frame_mask(clean_frames, b, frames, x0.device)
-        if clean is not None:
-            t = (t[:, None].expand(b, frames) if t.ndim == 1 else t).masked_fill(clean, 0.0)
-        x_t = self.add_noise(x0, noise, t)
-        v = self.velocity(model, x_t, t, cond)
-        err = (v.float() - self.target(x0, noise).float()).pow(2)  # [B,C,T,H,W]
-        if clean is None:
-            return err.mean()
-        keep = (~clean)[:, None, :, None, None].float()  # [B,1,T,1,1]
-        return (err * keep).sum() / (keep.sum() * c * h * w).clamp_min(1.0)
-
-    # ---------------------------------------------------------------- classifier-free guidance dropout
-    def drop_captions(self, captions: Sequence[str], generator: torch.Generator | None = None) -> list[str]:
-        """Replace each caption by "" with probability `cfg_dropout` (for a text encoder trained jointly)."""
-        drop = torch.rand(len(captions), generator=generator) < self.cfg_dropout
-        return ["" if d else c for c, d in zip(captions, drop.tolist())]
-
-    def drop_embeddings(self, context: torch.Tensor, mask: torch.Tensor | None, null_context: torch.Tensor,
-                        null_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replace samples' text by the null ("") embedding with probability `cfg_dropout` (precomputed text).
-
-        context `[B, L, D]`, mask `[B, L]` (None = all valid); null_context `[L0, D]` or `[1, L0, D]`,
-        null_mask `[L0]`/`[1, L0]`. Returns (context, mask) padded to max(L, L0) with zeros / False.
-        """
-        b = context.shape[0]
-        null_context = null_context.reshape(1, *null_context.shape[-2:]).to(context)
-        if mask is None:
-            mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
-        if null_mask is None:
-            null_mask = torch.ones(null_context.shape[:2], dtype=torch.bool, device=context.device)
-        null_mask = null_mask.reshape(1, -1).bool().to(context.device)
-        length = max(context.shape[1], null_context.shape[1])
-        context, mask = pad_tokens(context, mask.bool(), length)
-        null_context, null_mask = pad_tokens(null_context, null_mask, length)
-        drop = (torch.rand(b, generator=generator) < self.cfg_dropout).to(context.device)
-        context = torch.where(drop[:, None, None], null_context, context)
-        mask = torch.where(drop[:, None], null_mask, mask)
-        return context, mask
 
 
 def num_latent_tokens(shape: Sequence[int], patch_size: Sequence[int] = (1, 2, 2)) -> int:

@@ -59,6 +59,10 @@ class ClassifierFreeGuidance:
 
     scale: float = 5.0
 
+    def __post_init__(self) -> None:
+        if not self.scale >= 0:
+            raise ValueError(f"guidance={self.scale}: expected a scale >= 0 (1 = no guidance, 5 = Wan's default)")
+
     def __call__(self, fn: Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor], x: torch.Tensor,
                  t: torch.Tensor, cond: Cond, uncond: Cond | None = None) -> torch.Tensor:
         if uncond is None:

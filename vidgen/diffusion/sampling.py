@@ -4,11 +4,9 @@ k-diffusion style (Crowson): every sampler is a plain function over ONE denoise 
 
     fn(x [B, ...], t [B]) -> v [B, ...]        (t = the current sigma, one per sample)
 
-and `sigmas` is a decreasing schedule ending at 0 from `timesteps(steps, shift)`. Clean-frame conditioning
-(image-to-video: 1 frame, extension: k frames) wraps `fn` with `hold_clean_frames`: those frames are pinned to
-the given latents at t = 0 (the DiT's per-frame t path) and get zero velocity, so every sampler leaves them
-exactly unchanged. `generate` composes the pieces: seeded noise -> schedule -> CFG -> clean frames -> sampler,
-calling `RectifiedFlow.velocity`, the same denoiser call the training loss uses.
+and `sigmas` is a decreasing schedule ending at 0 from `timesteps(steps, shift)`. `generate` composes the
+pieces: seeded noise -> schedule -> sampler over `Denoiser.__call__` (clean frames, CFG), the same network
+call and clean-frame rule that `Denoiser.loss` trains.
 """
 
 from __future__ import annotations
@@ -19,7 +17,8 @@ from typing import Any
 import torch
 from tqdm.auto import trange
 
-from vidgen.diffusion.flow import RectifiedFlow, num_latent_tokens, time_shift
+from vidgen.diffusion.denoiser import Denoiser
+from vidgen.diffusion.flow import num_latent_tokens, time_shift
 from vidgen.diffusion.guidance import ClassifierFreeGuidance
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -76,24 +75,6 @@ def sample_heun(fn: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Ca
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"euler": sample_euler, "heun": sample_heun}
 
 
-def hold_clean_frames(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], clean: torch.Tensor) -> Denoise:
-    """Wrap `fn(x, t [B, T]) -> v` so latent frames [0:k] are pinned to `clean` `[B, C, k, H, W]` at t = 0.
-
-    The wrapped function takes t `[B]` (the sampler's sigma) and gives the network per-frame t `[B, T]`
-    (0 for the clean frames); their velocity is returned as 0 so the ODE step keeps them bit-exact.
-    """
-    k = clean.shape[2]
-
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        b, frames = x.shape[0], x.shape[2]
-        x = torch.cat([clean.to(x), x[:, :, k:]], dim=2)
-        t_frames = torch.cat([t.new_zeros(b, k), t[:, None].expand(b, frames - k)], dim=1)  # [B, T]
-        v = fn(x, t_frames)
-        return torch.cat([torch.zeros_like(v[:, :, :k]), v[:, :, k:]], dim=2)
-
-    return denoise
-
-
 def seeded_noise(shape: Sequence[int], seed: int | Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
     """Standard normal `[B, ...]` float32; sample i from a CPU generator seeded seed[i] (or seed + i)."""
     b = shape[0]
@@ -119,45 +100,43 @@ def _to_batch(cond: dict[str, Any], batch: int, device: torch.device) -> dict[st
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, text_cond: dict[str, Any], neg_cond: dict[str, Any] | None,
-             shape: Sequence[int], steps: int = 50, guidance: float = 5.0, shift: float | None = 5.0,
-             sampler: str = "euler", seed: int | Sequence[int] = 0, clean_latents: torch.Tensor | None = None,
-             num_clean: int = 0, progress: bool = True, flow: RectifiedFlow | None = None,
+def generate(denoiser: Denoiser, cond: dict[str, Any], shape: Sequence[int], steps: int = 50,
+             guider: ClassifierFreeGuidance | None = None, uncond: dict[str, Any] | None = None,
+             shift: float | None = None, sampler: str = "euler", seed: int | Sequence[int] = 0,
+             clean: torch.Tensor | None = None, clean_mask: torch.Tensor | None = None, progress: bool = False,
              callback: Callback | None = None) -> torch.Tensor:
-    """Sample latents z0 `[B, C, T, H, W]` = `shape` from text; the one high-level entry for sample.py / callbacks.
+    """Sample latents z0 `[B, C, T, H, W]` = `shape`: seeded noise -> shifted schedule -> sampler over `denoiser`.
 
-    text_cond / neg_cond: model keyword tensors, e.g. {"context": [B|1, L, D], "context_mask": [B|1, L]};
-    neg_cond None or guidance == 1 disables CFG. shift None: resolution-dependent `flow.shift_for(tokens)`.
-    seed: int (sample i uses seed + i) or one seed per sample. clean_latents `[B, C, >=k, H, W]` with
-    num_clean = k: frames [0:k] are given (image-to-video k = 1, extension k > 1) and returned unchanged.
-    Runs under no_grad in the model's current mode and dtype of its parameters' device; use autocast for bf16.
+    cond / uncond: the conditioner's keyword tensors (batch B or 1); `guider` (e.g. CFG) combines them, None
+    or uncond None: the conditional branch alone. shift None: the resolution-dependent `flow.shift_for(tokens)`
+    the denoiser trained with. clean `[B|1, C, T, H, W]` + clean_mask bool `[B|1, T]`: frames given
+    (image-to-video, extension) and returned unchanged. seed: int (sample i uses seed + i) or one per sample.
+    Runs in the network's current mode, on its device; wrap in autocast for bf16.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}; expected one of {sorted(SAMPLERS)}")
-    flow = flow or RectifiedFlow()
-    device = next(model.parameters()).device
+    device = next(denoiser.net.parameters()).device
     b = shape[0]
     if shift is None:
-        shift = flow.shift_for(num_latent_tokens(shape, getattr(model, "patch_size", (1, 1, 1))))
-    cond = _to_batch(text_cond, b, device)
-    uncond = _to_batch(neg_cond, 1 if _batch(neg_cond) == 1 else b, device) \
-        if neg_cond is not None and guidance != 1.0 else None
-    cfg = ClassifierFreeGuidance(guidance)
-
-    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return cfg(lambda x_, t_, c_: flow.velocity(model, x_, t_, c_), x, t, cond, uncond)
-
+        shift = denoiser.flow.shift_for(num_latent_tokens(shape, denoiser.patch_size))
+    cond = _to_batch(cond, b, device)
+    if uncond is not None:
+        uncond = _to_batch(uncond, 1 if _batch(uncond) == 1 else b, device)
+    if uncond is None or guider is None:
+        guider = uncond = None
     x = seeded_noise(shape, seed, device)
-    if num_clean > 0:
-        if clean_latents is None or clean_latents.shape[2] < num_clean:
-            raise ValueError(f"num_clean={num_clean} needs clean_latents with at least {num_clean} frames")
-        clean = clean_latents[:, :, :num_clean].to(device=device, dtype=x.dtype)
-        if clean.shape[0] == 1 and b > 1:
-            clean = clean.expand(b, *clean.shape[1:])
-        if clean.shape[:2] != x.shape[:2] or clean.shape[3:] != x.shape[3:]:
-            raise ValueError(f"clean_latents {list(clean_latents.shape)} do not match shape {list(shape)}")
-        x = torch.cat([clean, x[:, :, num_clean:]], dim=2)
-        fn = hold_clean_frames(fn, clean)
+    if clean_mask is not None:
+        if clean is None:
+            raise ValueError("clean_mask needs the clean latents (clean=...)")
+        clean = clean.to(device=device, dtype=x.dtype)
+        clean_mask = clean_mask.to(device).bool()
+        if clean.shape[1:] != x.shape[1:]:
+            raise ValueError(f"clean latents {list(clean.shape)} do not match shape {list(shape)}")
+        x = torch.where(clean_mask.expand(b, shape[2])[:, None, :, None, None], clean.expand_as(x), x)
+
+    def fn(x_: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
+        return denoiser(x_, t_, cond, clean=clean, clean_mask=clean_mask, uncond=uncond, guider=guider)
+
     return SAMPLERS[sampler](fn, x, timesteps(steps, shift).to(device), callback=callback, progress=progress)
 
 

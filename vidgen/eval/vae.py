@@ -21,14 +21,12 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from vidgen.eval.metrics import psnr, ssim
+from vidgen.data.latent_stats import clip_batches
+from vidgen.eval.metrics import load_lpips, psnr, ssim
+from vidgen.io.atomic import atomic_write_text
+from vidgen.io.pretrained import load_pretrained
+from vidgen.io.video import to_uint8_video
 from vidgen.models.vae import VideoVAE
-
-
-def to_uint8_video(x: torch.Tensor) -> np.ndarray:
-    """x [3, T, H, W] in [-1, 1] -> uint8 frames [T, H, W, 3]."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return rearrange(x, "c t h w -> t h w c").cpu().numpy()
 
 
 def recon_strip(x: torch.Tensor, recon: torch.Tensor, max_frames: int = 8) -> np.ndarray:
@@ -82,7 +80,6 @@ def write_report(out_dir: str | Path, results: dict[str, Any], settings: dict[st
     """Write `report.md` (+ `strip.png`, `metrics.json`) into `out_dir`; returns the report path."""
     from PIL import Image
 
-    from vidgen.io.atomic import atomic_write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -129,16 +126,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="key=value settings of configs/eval_vae.yaml")
     cfg = load_settings(p.parse_args(argv).overrides)
-    from vidgen.training.export_vae import clip_batches
 
     device = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    vae = VideoVAE.from_pretrained(cfg["vae"]).to(device).eval()
+    vae = load_pretrained(cfg["vae"], VideoVAE).to(device).eval()
     size = str(cfg["size"]).lower()
     hw = tuple(int(v) for v in size.split("x")) if "x" in size else int(size)
     batches = clip_batches(str(cfg["shards"]), int(cfg["frames"]), hw, int(cfg["batch_size"]), cfg["decoder"])
     lpips = None
     if cfg["lpips_weights"]:
-        from vidgen.eval.metrics import load_lpips
 
         lpips = load_lpips(cfg["lpips_weights"])
     results = evaluate_vae(vae, batches, max_clips=int(cfg["clips"]), lpips=lpips, chunk_size=cfg["chunk"],

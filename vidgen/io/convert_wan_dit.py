@@ -62,4 +62,5 @@ def dit_config_from_diffusers(cfg: dict[str, Any]) -> dict[str, Any]:
         "qk_norm": qk_norm is not None,
         "eps": cfg.get("eps", 1e-6),
         "timestep_scale": 1000.0,
+        "text_mask": False,  # Wan attends to the zero-padded 512 text tokens (diffusers passes no mask)
     }

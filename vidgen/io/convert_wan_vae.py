@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from vidgen.models.vae import VideoVAE
+from vidgen.io.pretrained import save_pretrained
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     if set(kv) != {"src", "out"}:
         raise SystemExit(f"expected src=FOLDER out=FOLDER, got {sorted(kv)}")
     vae = load_wan_vae_from_diffusers(kv["src"])
-    vae.save_pretrained(kv["out"], extra={"source": f"diffusers:{kv['src']}"})
+    save_pretrained(vae, kv["out"], extra={"source": f"diffusers:{kv['src']}"})
     print(f"wrote {kv['out']} ({sum(p.numel() for p in vae.parameters()):,} parameters)")
 
 

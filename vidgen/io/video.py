@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
 
 import av
 import numpy as np
+import torch
+from PIL import Image, ImageOps
 
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
@@ -108,7 +111,6 @@ def iter_frames(path: str | os.PathLike, size: tuple[int, int] | None = None) ->
 
 def read_image(path: str | os.PathLike, max_side: int | None = None) -> np.ndarray:
     """Read an image as a 1-frame video -> RGB uint8 [1, H, W, 3], capped to `max_side` with even sides."""
-    from PIL import Image, ImageOps
 
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img).convert("RGB")  # honour camera rotation; drop alpha
@@ -116,3 +118,38 @@ def read_image(path: str | os.PathLike, max_side: int | None = None) -> np.ndarr
         if (w, h) != img.size:
             img = img.resize((w, h), Image.Resampling.BOX if w < img.width else Image.Resampling.BICUBIC)
         return np.asarray(img, dtype=np.uint8)[None]
+
+
+# ---------------------------------------------------------------------------------------------- samples on disk
+def to_uint8_video(x: torch.Tensor) -> np.ndarray:
+    """[3, T, H, W] or [B, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3] (or [B, T, H, W, 3])."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    return x.movedim(-4, -1).numpy()
+
+
+def contact_sheet(frames: np.ndarray, max_frames: int = 18, columns: int = 9, gap: int = 2) -> Image.Image:
+    """PIL image: up to `max_frames` evenly spaced frames of `[T, H, W, 3]` in a grid of `columns`."""
+    t, h, w, _ = frames.shape
+    idx = np.unique(np.linspace(0, t - 1, min(t, max_frames)).round().astype(int))
+    cols = min(columns, len(idx))
+    rows = -(-len(idx) // cols)
+    sheet = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), 255, dtype=np.uint8)
+    for n, i in enumerate(idx):
+        r, c = divmod(n, cols)
+        sheet[r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + w] = frames[i]
+    return Image.fromarray(sheet)
+
+
+def slug(text: str, length: int = 40) -> str:
+    """A file-name-safe prefix of a prompt: "A red car!" -> "a_red_car"."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower())[:length].strip("_")
+
+
+def save_sample(stem: str | os.PathLike, video: torch.Tensor, fps: float) -> tuple[Path, Path]:
+    """Write `STEM.mp4` (H.264) and `STEM.png` (contact sheet) for a video `[3, T, H, W]` in [-1, 1]."""
+    stem = Path(stem)
+    frames = to_uint8_video(video)  # [T, H, W, 3]
+    mp4 = write_video(stem.with_suffix(".mp4"), frames, fps=fps)
+    png = stem.with_suffix(".png")
+    contact_sheet(frames).save(png)
+    return mp4, png

@@ -19,8 +19,8 @@ renames `to_out.0` and the MLP), and `t` is scaled by 1000 before the sinusoid a
 Wan 2.1 weights load and reproduce diffusers' output. Imported Wan weights expect the text context the
 way Wan feeds it: UMT5-XXL embeddings zero-padded to 512 tokens with `context_mask=None`.
 
-For scale: `gradient_checkpointing = True` recomputes each block in backward; `DiT.block_class` is the FSDP
-wrap unit; `t` can be any float tensor (no graph breaks under `torch.compile`).
+For scale: `gradient_checkpointing = True` recomputes each block in backward; `DiTBlock` is the FSDP wrap unit
+(`vidgen/training/parallelize.py`); `t` can be any float tensor (no graph breaks under `torch.compile`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vidgen.models.layers import Attention, FeedForward, FP32LayerNorm, RotaryEmbedding3D, gate, modulate, \
     timestep_embedding
-from vidgen.models.pretrained import PretrainedMixin, capture_config
+from vidgen.models.base import Configurable, capture_config
 
 
 class MLPEmbedder(nn.Module):
@@ -98,7 +98,7 @@ class DiTBlock(nn.Module):
         return x
 
 
-class DiT(nn.Module, PretrainedMixin):
+class DiT(nn.Module, Configurable):
     """Latent video DiT: `forward(z [B,C,T,H,W], t [B]|[B,T], context [B,L,text_dim], mask [B,L]) -> v [B,C_out,T,H,W]`.
 
     Args: in_channels / out_channels (None = in_channels): latent channels (wire to the VAE's latent channels);
@@ -106,16 +106,16 @@ class DiT(nn.Module, PretrainedMixin):
     ffn_dim: MLP hidden width (None = 4 * dim); text_dim: width of the text encoder output (wire to it);
     freq_dim: sinusoid width for t; patch_size: (pt, ph, pw); cross_attn_norm / qk_norm / eps: as Wan 2.1;
     rope_theta: RoPE base; timestep_scale: t in [0, 1] is multiplied by this before the sinusoid (1000 = Wan);
+    text_mask: whether the text padding mask reaches cross-attention (Wan 2.1: False, it attends to the zero
+    padding as diffusers' `WanTransformer3DModel` does);
     gradient_checkpointing: recompute blocks in backward (also settable as an attribute).
     """
-
-    block_class = DiTBlock  # FSDP / activation-checkpoint wrap unit
 
     def __init__(self, in_channels: int = 16, out_channels: int | None = None, dim: int = 384, depth: int = 12,
                  num_heads: int = 6, ffn_dim: int | None = None, text_dim: int = 256, freq_dim: int = 256,
                  patch_size: Sequence[int] = (1, 2, 2), cross_attn_norm: bool = True, qk_norm: bool = True,
                  eps: float = 1e-6, rope_theta: float = 10000.0, timestep_scale: float = 1000.0,
-                 gradient_checkpointing: bool = False):
+                 text_mask: bool = True, gradient_checkpointing: bool = False):
         super().__init__()
         self.config = capture_config(DiT, locals())
         self.in_channels = in_channels
@@ -125,6 +125,7 @@ class DiT(nn.Module, PretrainedMixin):
         if len(self.patch_size) != 3:
             raise ValueError(f"patch_size must be (pt, ph, pw), got {patch_size}")
         self.gradient_checkpointing = gradient_checkpointing
+        self.text_mask = text_mask
 
         self.rope = RotaryEmbedding3D(dim // num_heads, theta=rope_theta)
         self.patch_embedding = nn.Conv3d(in_channels, dim, kernel_size=self.patch_size, stride=self.patch_size)
@@ -180,6 +181,8 @@ class DiT(nn.Module, PretrainedMixin):
         x = rearrange(x, "b d f h w -> b (f h w) d")  # tokens, frame-major
         temb, mod = self.condition_embedder.time(self.frame_times(t, b, frames))  # [B, F', D], [B, F', 6, D]
         context = self.condition_embedder.text_embedder(context)  # [B, L, D]
+        if not self.text_mask:
+            context_mask = None
         rope_cos, rope_sin = self.rope(f, h, w, offset=(frame_offset // pt, 0, 0), device=z.device)
 
         for block in self.blocks:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from vidgen.models.layers import Attention, FeedForward
-from vidgen.models.pretrained import PretrainedMixin, capture_config
+from vidgen.models.base import Configurable, capture_config
 
 _PADDINGS = ("longest", "max_length")
 
@@ -47,7 +47,7 @@ class EncoderBlock(nn.Module):
         return x + self.ffn(self.norm2(x))
 
 
-class ByteTextEncoder(nn.Module, PretrainedMixin):
+class ByteTextEncoder(nn.Module, Configurable):
     """Byte-level caption encoder: `forward(captions) -> (emb [B, L, dim], mask [B, L])`, L <= max_length.
 
     Ids 0..255 are UTF-8 bytes, then PAD, BOS, EOS; a caption longer than `max_length - 2` bytes is truncated.
@@ -94,7 +94,7 @@ class ByteTextEncoder(nn.Module, PretrainedMixin):
         return x, mask
 
 
-class HFTextEncoder(nn.Module, PretrainedMixin):
+class HFTextEncoder(nn.Module, Configurable):
     """Frozen Hugging Face text encoder from a local folder: `forward(captions) -> (emb [B, L, dim], mask [B, L])`.
 
     path: folder holding the model (`config.json` + weights) and its tokenizer files. max_length / padding as
@@ -102,6 +102,8 @@ class HFTextEncoder(nn.Module, PretrainedMixin):
     ("float32", "bfloat16", ...). dim: expected hidden size, checked after loading (None: not checked); the
     loaded model's width is `self.dim`.
     """
+
+    loads_own_weights = True  # an export records the folder path; the weights stay in that folder
 
     _ENCODERS = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel",
                  "clip": "CLIPTextModel", "clip_text_model": "CLIPTextModel"}

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from vidgen.models.causal_conv import CausalCache, CausalConv3d
-from vidgen.models.pretrained import PretrainedMixin, capture_config
+from vidgen.models.base import Configurable, capture_config
 from vidgen.models.tiling import tiled_map
 from vidgen.models.vae_blocks import Decoder3d, Encoder3d
 
@@ -55,7 +55,7 @@ class DiagonalGaussian:
         return kl.flatten(1).mean(dim=1)
 
 
-class VideoVAE(nn.Module, PretrainedMixin):
+class VideoVAE(nn.Module, Configurable):
     """Causal video VAE. x [B, in_channels, 1+f*k, H, W] in [-1, 1] <-> z [B, latent_channels, 1+k, H/s, W/s].
 
     f = 2 ** sum(temporal_downsample) (4 by default), s = 2 ** (len(channel_mult) - 1) (8).
@@ -233,12 +233,10 @@ class VideoVAE(nn.Module, PretrainedMixin):
         view = (1, -1, 1, 1, 1)
         return self.latent_mean.view(view).to(like), self.latent_std.view(view).to(like)
 
-    def save_pretrained(self, folder: Any, state_dict: dict[str, torch.Tensor] | None = None,
-                        extra: dict[str, Any] | None = None):
-        """Export folder: config.json (config + latent statistics) and model.safetensors."""
-        stats = {"latent_mean": self.latent_mean.tolist(), "latent_std": self.latent_std.tolist(),
-                 "latent_stats_measured": self.has_latent_stats}
-        return super().save_pretrained(folder, state_dict=state_dict, extra={**stats, **(extra or {})})
+    def export_extra(self) -> dict[str, Any]:
+        """config.json keys of an export: the latent statistics (also in the weights, readable without them)."""
+        return {"latent_mean": self.latent_mean.tolist(), "latent_std": self.latent_std.tolist(),
+                "latent_stats_measured": self.has_latent_stats}
 
     def after_load(self, meta: dict[str, Any]) -> None:
         """Restore latent statistics from config.json (they are also in the weights file)."""

@@ -11,8 +11,15 @@ from __future__ import annotations
 import gc
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+import vidgen.config  # noqa: F401  (registers the config resolvers)
+from vidgen.data.buckets import parse_buckets
+from vidgen.training.parallelize import parallelize
 
 
 def fits(step: Callable[[int], None], batch: int) -> bool:
@@ -60,7 +67,8 @@ def dit_step_fn(module, bucket, latent_channels: int, text_len: int, device: tor
         text = torch.randn(batch, text_len, text_dim, device=device)
         mask = torch.ones(batch, text_len, dtype=torch.bool, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = module.training_step({"latent": latent, "text_emb": text, "text_mask": mask}, 0)
+            loss = module.training_step({"latent": latent, "text_emb": text, "text_mask": mask,
+                                         "text_null_emb": text[0], "text_null_mask": mask[0]}, 0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -70,14 +78,6 @@ def dit_step_fn(module, bucket, latent_channels: int, text_len: int, device: tor
 
 def main(argv: list[str] | None = None) -> int:
     """Hydra-style overrides of configs/train.yaml (e.g. experiment=dit_pretrain); prints batch sizes per bucket."""
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-    from pathlib import Path
-
-    import vidgen.config  # noqa: F401
-    from vidgen.data.buckets import parse_buckets
-    from vidgen.training.parallelize import parallelize
-
     args = list(sys.argv[1:] if argv is None else argv)
     margin = 0.9
     for a in [a for a in args if a.startswith("--margin=")]:

@@ -9,6 +9,8 @@ from typing import Any, Iterator
 import lightning.pytorch as pl
 import torch
 
+from vidgen.io.checkpoint import EMA_KEY
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,7 @@ class EMA(pl.Callback):
 
     @property
     def state_key(self) -> str:
-        return "EMA"
+        return EMA_KEY  # where vidgen.io.checkpoint finds the shadow weights
 
     def _params(self, module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
         return ((n, p) for n, p in module.named_parameters() if p.requires_grad)
@@ -96,52 +98,167 @@ def find_ema(trainer: pl.Trainer) -> EMA | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, EMA)), None)
 
 
-def ema_state_from_checkpoint(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    """The EMA shadow weights stored in a Lightning checkpoint by the `EMA` callback (module-level names)."""
-    state = checkpoint.get("callbacks", {}).get("EMA")
-    return state["shadow"] if state else None
-
-
 class NonFiniteGuard(pl.Callback):
-    """Skips optimizer steps whose gradients are not finite; `max_consecutive` in a row stop the run.
+    """Skips optimizer steps with a non-finite loss or gradients, and keeps such weights out of checkpoints.
 
-    A skipped step drops every gradient (`set_to_none`), so the optimizer leaves weights and moments
-    untouched; the step counter and LR schedule still advance. The count is logged as
-    `train/nonfinite_skipped`. The decision is reduced across ranks so sharded gradients agree.
-    Stopping raises before any further checkpoint is written, so the last good checkpoint stays intact.
+    - Skipping: a step whose loss or gradients are not finite drops every gradient (`set_to_none`), so the
+      optimizer leaves weights and moments untouched; the step counter and LR schedule still advance. The
+      count is logged as `train/nonfinite_skipped`.
+    - Stopping: `max_consecutive` skipped steps in a row (the weights give a non-finite loss on every batch),
+      or weights that became non-finite (a finite step overflowed them), raise `FloatingPointError` with one
+      line naming the newest checkpoint on disk (or saying none was written yet).
+    - Checkpoints: while the current weights are suspect, `ModelCheckpoint` writes nothing (the hold makes
+      it skip the step, as after a save of that step; it also covers `save_on_exception`). Suspect: during
+      a skip streak (these weights produced the non-finite loss), and after a step that made the largest
+      weight grow over `max_weight_growth` times that of the last checkpointable weights (floored at 1; lr=1e30
+      makes finite weights ~1e28 one step before the losses turn non-finite), until it is back in bound.
+      So no skip streak or blown-up step writes a checkpoint, and none rotates the last good one away.
+      Lightning runs `ModelCheckpoint` hooks after all other callbacks, so the hold comes first.
+
+    Every decision is reduced across ranks, so sharded gradients and weights agree.
     """
 
-    def __init__(self, max_consecutive: int = 20):
-        self.max_consecutive = max_consecutive
+    def __init__(self, max_consecutive: int = 20, max_weight_growth: float | None = 1000.0):
+        if max_consecutive < 1:
+            raise ValueError(f"callbacks.nonfinite_guard.max_consecutive={max_consecutive}: expected >= 1")
+        if max_weight_growth is not None and not max_weight_growth > 1:
+            raise ValueError(f"callbacks.nonfinite_guard.max_weight_growth={max_weight_growth}: expected > 1 or null")
+        self.max_consecutive, self.max_weight_growth = max_consecutive, max_weight_growth
         self.skipped = 0
         self.consecutive = 0
+        self.streak_start: int | None = None  # global step of the first skipped step of the current streak
+        self._loss_finite: torch.Tensor | None = None  # all losses since the last optimizer step were finite
+        self._trusted_scale: float | None = None  # max |w| of the last weights a checkpoint was allowed to hold
+        self._checked_step: int | None = None
+        self._held: str | None = None  # why checkpoints are held back now (None: they are not)
+        self._last_saved_step: int | None = None
 
     @property
     def state_key(self) -> str:
         return "NonFiniteGuard"
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        finite = all(torch.isfinite(p.grad).all() for g in optimizer.param_groups for p in g["params"] if p.grad is not None)
-        finite = trainer.strategy.reduce_boolean_decision(bool(finite), all=True)
+    @staticmethod
+    def _local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t  # DTensor (FSDP2): this rank's shard
+
+    @staticmethod
+    def _max_abs(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """max |t| of each (non-empty) tensor: NaN / inf when it holds one, never overflows; one fused kernel."""
+        if hasattr(torch, "_foreach_norm"):
+            return list(torch._foreach_norm(ts, float("inf")))
+        return [torch.linalg.vector_norm(t, ord=float("inf")) for t in ts]
+
+    @torch.no_grad()
+    def _weight_stats(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[bool, float]:
+        """(all trainable weights finite, max |w|) over every rank."""
+        ts = [t for p in pl_module.parameters() if p.requires_grad and (t := self._local(p.detach())).numel()]
+        device = trainer.strategy.root_device
+        if ts:
+            local = torch.stack([m.float().to(device) for m in self._max_abs(ts)]).max()
+        else:
+            local = torch.zeros((), device=device)
+        stats = torch.stack([(~torch.isfinite(local)).float(), torch.nan_to_num(local, nan=0.0, posinf=0.0)])
+        nonfinite, scale = trainer.strategy.reduce(stats, reduce_op="max").tolist()
+        return nonfinite == 0, scale
+
+    def _hold_checkpoints(self, trainer: pl.Trainer) -> None:
+        """Make every ModelCheckpoint skip this step (it skips a step it has already saved)."""
+        for cb in trainer.checkpoint_callbacks:
+            if hasattr(cb, "_last_global_step_saved"):
+                cb._last_global_step_saved = trainer.global_step
+
+    def _stop(self, trainer: pl.Trainer, what: str) -> None:
+        from vidgen.training.checkpoint import newest_checkpoint
+
+        self._hold_checkpoints(trainer)
+        folders = {str(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
+        newest = newest_checkpoint(*sorted(folders | {str(trainer.default_root_dir)}))
+        if newest is None:
+            where = "No checkpoint has been written yet."
+        else:
+            where = f"The newest checkpoint, {newest}, was written before this and holds finite weights"
+            if self.streak_start is not None and self._last_saved_step == self.streak_start:
+                where += (f" (those of step {self.streak_start}, the first to give a non-finite loss: if resuming from "
+                          f"it stops again, resume from an earlier one)")
+            where += "."
+        raise FloatingPointError(f"{what}; stopping. No checkpoint was written from the suspect weights. {where}")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for cb in trainer.checkpoint_callbacks:
+            if not hasattr(cb, "_last_global_step_saved"):
+                log.warning("NonFiniteGuard cannot hold back %s (no _last_global_step_saved): it may checkpoint "
+                            "weights of a skip streak", type(cb).__name__)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        finite, scale = self._weight_stats(trainer, pl_module)
+        self._trusted_scale = scale if finite else None
+        self._checked_step = trainer.global_step
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        ok = torch.isfinite(loss.detach()).all()
+        self._loss_finite = ok if self._loss_finite is None else self._loss_finite & ok
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        grads = [t for g in optimizer.param_groups for p in g["params"]
+                 if p.grad is not None and (t := self._local(p.grad)).numel()]
+        flags = [torch.isfinite(m) for m in self._max_abs(grads)] if grads else []
+        if self._loss_finite is not None:
+            flags.append(self._loss_finite)
+        self._loss_finite = None
+        finite = bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True  # one sync
+        finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
-            self.consecutive = 0
+            if self.consecutive:
+                log.info("step %d: finite again after %d skipped steps", trainer.global_step, self.consecutive)
+            self.consecutive, self.streak_start = 0, None
             return
         optimizer.zero_grad(set_to_none=True)
         self.skipped += 1
         self.consecutive += 1
+        if self.streak_start is None:
+            self.streak_start = trainer.global_step
         log.warning("step %d: non-finite loss or gradients, optimizer step skipped (%d in a row, %d in all)",
                     trainer.global_step, self.consecutive, self.skipped)
         pl_module.log("train/nonfinite_skipped", float(self.skipped), rank_zero_only=True)
         if self.consecutive >= self.max_consecutive:
-            raise FloatingPointError(f"{self.consecutive} optimizer steps in a row had non-finite gradients "
-                                     f"(callbacks.nonfinite_guard.max_consecutive={self.max_consecutive}); stopping. "
-                                     f"The last checkpoint was written before this and is intact.")
+            self._stop(trainer, f"{self.consecutive} optimizer steps in a row (steps {self.streak_start}-"
+                                f"{trainer.global_step}) had a non-finite loss or gradients "
+                                f"(callbacks.nonfinite_guard.max_consecutive={self.max_consecutive})")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step != self._checked_step:  # an optimizer step ran: check the new weights
+            self._checked_step = trainer.global_step
+            finite, scale = self._weight_stats(trainer, pl_module)
+            if not finite:
+                self._stop(trainer, f"step {trainer.global_step}: the weights became non-finite (a finite optimizer "
+                                    f"step overflowed them)")
+            held = None
+            if self.consecutive:
+                held = f"the weights gave a non-finite loss or gradients since step {self.streak_start}"
+            elif (self.max_weight_growth is not None and self._trusted_scale is not None
+                  and scale > self.max_weight_growth * max(self._trusted_scale, 1.0)):
+                held = (f"the largest weight grew to {scale:.3g}, over callbacks.nonfinite_guard.max_weight_growth="
+                        f"{self.max_weight_growth:g} x {max(self._trusted_scale, 1.0):.3g} (the last checkpointable weights)")
+            if held is None:
+                self._trusted_scale = scale
+                if self._held:
+                    log.info("step %d: checkpoints allowed again", trainer.global_step)
+            elif self._held is None:
+                log.warning("step %d: checkpoints held back: %s", trainer.global_step, held)
+            self._held = held
+        if self._held:
+            self._hold_checkpoints(trainer)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._last_saved_step = trainer.global_step
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped": self.skipped, "consecutive": self.consecutive}
+        return {"skipped": self.skipped, "consecutive": self.consecutive, "streak_start": self.streak_start}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped, self.consecutive = int(state_dict["skipped"]), int(state_dict["consecutive"])
+        self.streak_start = state_dict.get("streak_start")
 
 
 class PreemptionCheckpoint(pl.Callback):

@@ -1,21 +1,20 @@
 """Lightning module that trains the video DiT with the rectified-flow objective in a frozen VAE's latent space.
 
 A batch is either pixels `{"video" [B, 3, T, H, W] in [-1, 1], "caption": list[str]}` (encoded here by the frozen
-VAE, normalised latents, and by the text encoder) or precomputed `{"latent" [B, C, t, h, w] (normalised),
-"text_emb" [B, L, D] (+ "text_mask" [B, L]) or "caption"}` from latent shards, which skip the VAE / text encoder.
+VAE into normalised latents) or precomputed `{"latent" [B, C, t, h, w] (normalised), "text_emb" [B, L, D],
+"text_mask" [B, L], "text_null_emb" [L0, D], ...}` from latent shards, which skip the VAE and the text encoder.
+The conditioner (`vidgen.conditioning`) turns either into the DiT's keyword tensors, with CFG dropout; the
+`Denoiser` (`vidgen.diffusion.denoiser`) computes the loss through the same clean-frame rule sampling uses.
 
-The VAE (and a frozen Hugging Face text encoder) are held outside the registered modules: they are not in
-`state_dict`, the optimizer or EMA, and the checkpoint records the VAE folder and a fingerprint of its files
-instead (`checkpoint["vae"]`). Every checkpoint also carries the plain DiT / text encoder / flow configs, so
-`vidgen.training.export_dit` and `sample.py` rebuild everything from the checkpoint alone.
+The VAE is held outside the registered modules (not in state_dict, optimizer, EMA or FSDP units); the checkpoint
+records its folder and content fingerprint instead. Every checkpoint describes its parts in the one format of
+`vidgen.io.checkpoint`, so the export command and `sample.py` rebuild everything from the checkpoint alone.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import os
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,43 +23,16 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from vidgen.diffusion.flow import RectifiedFlow, num_latent_tokens
-from vidgen.models.dit import DiT
+from vidgen.conditioning import Conditioner
+from vidgen.diffusion.denoiser import Denoiser
+from vidgen.diffusion.flow import RectifiedFlow
+from vidgen.io.checkpoint import describe, part_spec
+from vidgen.io.fingerprint import fingerprint_folder, short
+from vidgen.io.pretrained import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, read_config
 from vidgen.models.vae import VideoVAE
-from vidgen.training.rng import step_generator
+from vidgen.training.rng import MicroBatchCounter
 
 log = logging.getLogger(__name__)
-
-
-def plain(value: Any) -> Any:
-    """OmegaConf containers / tuples -> plain dicts and lists (JSON-serialisable, `weights_only`-loadable)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
-
-
-_FINGERPRINTS: dict[tuple, str] = {}
-
-
-def vae_fingerprint(folder: str | os.PathLike) -> str:
-    """SHA-256 (16 hex digits) over a VAE export's config.json + model.safetensors (weights and latent stats)."""
-    folder = Path(folder)
-    files = [folder / "config.json", folder / "model.safetensors"]
-    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    if key not in _FINGERPRINTS:  # hashing a 0.5 GB VAE takes a second: once per process and file version
-        h = hashlib.sha256()
-        for f in files:
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
-        _FINGERPRINTS[key] = h.hexdigest()[:16]
-    return _FINGERPRINTS[key]
 
 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int = 1000, decay: str = "constant",
@@ -83,12 +55,12 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int = 1000, 
 
 
 class DiTModule(pl.LightningModule):
-    """Trains `dit` (+ a trainable `text_encoder`) on video or latent batches; the VAE at `vae_path` stays frozen.
+    """Trains `dit` (+ trainable conditioner encoders) on video or latent batches; the VAE at `vae_path` stays frozen.
 
-    dit: the network (`in_channels` = VAE latent channels, `text_dim` = `text_encoder.dim`); text_encoder:
-    `ByteTextEncoder` (trained jointly) or `HFTextEncoder` (frozen, kept out of the checkpoint); vae_path: a
-    VideoVAE export folder (None: batches must carry latents); flow: `RectifiedFlow` keyword arguments;
-    optimizer / scheduler: `functools.partial`s (Hydra `_partial_: true`) completed in `configure_optimizers`.
+    dit: the network (`in_channels` = VAE latent channels, `text_dim` = the text entry's width); conditioner: a
+    `Conditioner` of named entries (text today) with their CFG dropout; vae_path: a VideoVAE export folder
+    (None: batches must carry latents); flow: `RectifiedFlow` keyword arguments; optimizer / scheduler:
+    `functools.partial`s (Hydra `_partial_: true`) completed in `configure_optimizers`.
     cond_prob / max_cond_frames: with probability `cond_prob` a sample is conditioned on its first k clean latent
     frames, k uniform in [1, max_cond_frames] (image-to-video and extension with the same model).
     val_t / val_seed: validation losses at these fixed flow times with noise seeded per batch index.
@@ -97,42 +69,40 @@ class DiTModule(pl.LightningModule):
     vae_chunk_size: encode videos this many latent frames at a time (bounded memory for long clips).
     """
 
-    def __init__(self, dit: DiT, text_encoder: nn.Module, vae_path: str | None, optimizer: partial,
+    def __init__(self, dit: nn.Module, conditioner: Conditioner, vae_path: str | None, optimizer: partial,
                  scheduler: partial | None = None, flow: dict | None = None, cond_prob: float = 0.0,
                  max_cond_frames: int = 1, val_t: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9), val_seed: int = 0,
                  sample_posterior: bool = True, vae_chunk_size: int | None = None) -> None:
         super().__init__()
         # Hydra passes DictConfig / ListConfig: store plain values so checkpoints load with weights_only=True.
-        flow, val_t = plain(flow or {}), [float(t) for t in val_t]
+        flow, val_t = _plain(flow or {}), [float(t) for t in val_t]
         vae_path = str(vae_path) if vae_path is not None else None
-        self.save_hyperparameters(ignore=["dit", "text_encoder", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["dit", "conditioner", "optimizer", "scheduler"])
         self.dit = dit
+        self.conditioner = conditioner
         self.flow = RectifiedFlow(**flow)
+        self.denoiser = Denoiser(dit, self.flow)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        # Frozen helpers live in a plain dict: not registered, so not in state_dict / optimizer / EMA / FSDP units.
-        self._frozen: dict[str, nn.Module] = {}
-        if getattr(text_encoder, "trainable", True):
-            self.text_encoder = text_encoder
-        else:
-            self.text_encoder = None
-            self._frozen["text_encoder"] = text_encoder.requires_grad_(False).eval()
-        self._check_wiring(text_encoder)
+        self.micro = MicroBatchCounter()
+        self._frozen: dict[str, nn.Module] = {}  # not registered: not in state_dict / optimizer / EMA / FSDP units
+        self._check_wiring()
 
-    def _check_wiring(self, text_encoder: nn.Module) -> None:
-        """One clear line when the DiT's input widths do not match the text encoder / VAE it is trained with."""
+    def _check_wiring(self) -> None:
+        """One clear line when the DiT's input widths do not match the text entry / VAE it is trained with."""
         text_dim = self.dit.config["text_dim"]
-        if getattr(text_encoder, "dim", text_dim) != text_dim:
-            raise ValueError(f"model.dit.text_dim={text_dim} but the text encoder outputs dim={text_encoder.dim}; "
+        text = self.conditioner.entries["text"] if "text" in self.conditioner.entries else None
+        if text is not None and text.dim != text_dim:
+            raise ValueError(f"model.dit.text_dim={text_dim} but the text encoder outputs dim={text.dim}; "
                              f"set model.dit.text_dim=${{model.text.dim}}")
         path = self.hparams.vae_path
-        if path is not None and (Path(path) / "config.json").is_file():
-            latent_channels = VideoVAE.read_config(path)["config"].get("latent_channels", 16)
+        if path is not None and (Path(path) / CONFIG_NAME).is_file():
+            latent_channels = read_config(path, VideoVAE)["config"].get("latent_channels", 16)
             if latent_channels != self.dit.in_channels:
                 raise ValueError(f"model.dit.in_channels={self.dit.in_channels} but the VAE at task.module.vae_path="
                                  f"{path} has {latent_channels} latent channels; set model.dit.in_channels="
                                  f"{latent_channels}")
 
-    # ------------------------------------------------------------------ frozen parts
+    # ------------------------------------------------------------------ the frozen VAE
     @property
     def vae(self) -> VideoVAE:
         """The frozen VAE (loaded on first use, then kept on this module's device)."""
@@ -140,37 +110,31 @@ class DiTModule(pl.LightningModule):
             path = self.hparams.vae_path
             if path is None:
                 raise ValueError("task.module.vae_path is not set: a batch without 'latent' needs the VAE to encode")
-            if not (Path(path) / "config.json").is_file():
+            if not (Path(path) / CONFIG_NAME).is_file():
                 raise FileNotFoundError(f"task.module.vae_path={path}: no VAE export folder there (expected "
-                                        f"config.json + model.safetensors from vidgen.training.export_vae)")
-            vae = VideoVAE.from_pretrained(path).requires_grad_(False).eval()
+                                        f"config.json + model.safetensors from python -m vidgen.io.checkpoint)")
+            vae = load_pretrained(path, VideoVAE).requires_grad_(False).eval()
             if not vae.has_latent_stats:
                 log.warning("VAE at %s has no measured latent statistics: the DiT sees unnormalised latents", path)
             self._frozen["vae"] = vae
-        return self._on_device(self._frozen["vae"])
+        vae = self._frozen["vae"]
+        if next(vae.parameters()).device != self.device:
+            vae.to(self.device)
+        return vae
 
-    @property
-    def text(self) -> nn.Module:
-        """The text encoder, trainable (registered) or frozen (held aside): `emb, mask = text(captions)`."""
-        return self.text_encoder if self.text_encoder is not None else self._on_device(self._frozen["text_encoder"])
-
-    def _on_device(self, module: nn.Module) -> nn.Module:
-        device = self.device
-        if next(module.parameters()).device != device:
-            module.to(device)
-        return module
+    def vae_reference(self) -> dict[str, Any] | None:
+        """{"path", "fingerprint"} of the VAE (content fingerprint, as latent shards and exports record it)."""
+        path = self.hparams.vae_path
+        if path is None:
+            return None
+        has_weights = Path(path, WEIGHTS_NAME).is_file()
+        return {"path": str(Path(path).resolve()), "fingerprint": fingerprint_folder(path) if has_weights else None}
 
     def setup(self, stage: str) -> None:
         if self.hparams.vae_path is not None:
             _ = self.vae  # fail at start-up, not at the first batch
 
     # ------------------------------------------------------------------ batch -> latents, conditioning
-    def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Captions -> {"context" [B, L, D], "context_mask" [B, L]}; gradients only into a trainable encoder."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_encoder is not None):
-            context, mask = self.text(list(captions))
-        return {"context": context, "context_mask": mask}
-
     def latents(self, batch: dict[str, Any], sample: bool = True,
                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Normalised latents `[B, C, t, h, w]`: `batch["latent"]`, or the VAE posterior of `batch["video"]`."""
@@ -179,19 +143,6 @@ class DiTModule(pl.LightningModule):
         with torch.no_grad():
             posterior = self.vae.encode(batch["video"], normalize=True, chunk_size=self.hparams.vae_chunk_size)
             return (posterior.sample(generator) if sample else posterior.mode()).float()
-
-    def condition(self, batch: dict[str, Any], drop: bool,
-                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Text conditioning of a batch; `drop`: classifier-free-guidance dropout (`flow.cfg_dropout`)."""
-        if "text_emb" not in batch:
-            captions = list(batch["caption"])
-            return self.encode_text(self.flow.drop_captions(captions, generator) if drop else captions)
-        context, mask = batch["text_emb"], batch.get("text_mask")
-        if drop and self.flow.cfg_dropout > 0:
-            null = self.encode_text([""])  # the encoder that wrote the latent shards must be this one
-            context, mask = self.flow.drop_embeddings(context, mask, null["context"], null["context_mask"],
-                                                      generator=generator)
-        return {"context": context, "context_mask": mask}
 
     def clean_frame_mask(self, batch: int, frames: int, device: torch.device,
                          generator: torch.Generator | None = None) -> torch.Tensor | None:
@@ -207,14 +158,14 @@ class DiTModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        # All randomness of the step from one generator seeded by (seed, step, rank): exact resume. Outside a
-        # Trainer there is no step count to seed from: use the global RNG.
-        gen = step_generator(self.global_step, self.global_rank) if self._trainer is not None else None
+        # All randomness of a micro-batch from one generator seeded by (seed, step, micro-batch, rank): exact
+        # resume, and the micro-batches of one accumulated step draw different t and noise. Outside a Trainer
+        # there is no step count to seed from: use the global RNG.
+        gen = self.micro.generator(self.global_step, self.global_rank) if self._trainer is not None else None
         z = self.latents(batch, sample=self.hparams.sample_posterior, generator=gen)
-        cond = self.condition(batch, drop=True, generator=gen)
+        cond = self.conditioner(batch, drop=True, generator=gen)
         clean = self.clean_frame_mask(z.shape[0], z.shape[2], z.device, generator=gen)
-        loss = self.flow.loss(self.dit, z, cond, clean_frames=clean,
-                              num_tokens=num_latent_tokens(z.shape, self.dit.patch_size), generator=gen)
+        loss = self.denoiser.loss(z, cond, clean_mask=clean, generator=gen)
         if self._trainer is not None:
             self.log("train/loss", loss, prog_bar=True, batch_size=z.shape[0])
         return loss
@@ -222,11 +173,11 @@ class DiTModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         """Loss at each fixed t in `val_t` with noise seeded by batch index: comparable across runs and steps."""
         z = self.latents(batch, sample=False)
-        cond = self.condition(batch, drop=False)
+        cond = self.conditioner(batch, drop=False)
         gen = torch.Generator().manual_seed(self.hparams.val_seed + batch_idx)
         noise = torch.randn(z.shape, generator=gen).to(z)
-        losses = {f"val/loss_t{t:g}": self.flow.loss(self.dit, z, cond, t=torch.full((z.shape[0],), t, device=z.device),
-                                                     noise=noise) for t in self.hparams.val_t}
+        losses = {f"val/loss_t{t:g}": self.denoiser.loss(z, cond, t=torch.full((z.shape[0],), t, device=z.device),
+                                                         noise=noise) for t in self.hparams.val_t}
         losses["val/loss"] = torch.stack(list(losses.values())).mean()
         if self._trainer is not None:
             self.log_dict(losses, sync_dist=True, batch_size=z.shape[0])
@@ -246,26 +197,33 @@ class DiTModule(pl.LightningModule):
                                                    "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints
-    def model_configs(self) -> dict[str, Any]:
-        """What an export / sample.py needs besides the weights: DiT, text encoder, flow and VAE references."""
-        enc = self.text
-        vae_path = self.hparams.vae_path
-        vae = None
-        if vae_path is not None:
-            vae = {"path": str(Path(vae_path).resolve()),
-                   "fingerprint": vae_fingerprint(vae_path) if Path(vae_path, "model.safetensors").is_file() else None}
-        return {"dit_config": plain(self.dit.config),
-                "text_encoder": {"class": f"{type(enc).__module__}.{type(enc).__qualname__}",
-                                 "config": plain(enc.config), "trainable": self.text_encoder is not None},
-                "flow": plain(self.hparams.flow), "vae": vae}
+    def checkpoint_description(self) -> dict[str, Any]:
+        """This run's parts (DiT, conditioner encoders), flow, VAE reference and conditioner, in the one format."""
+        parts = {"dit": part_spec("dit.", self.dit)}
+        for name, entry in self.conditioner.entries.items():
+            spec = entry.encoder_module() if entry.trainable else entry.encoder_spec()
+            parts[f"cond.{name}"] = part_spec(f"conditioner.entries.{name}.encoder.", spec, entry.trainable)
+        meta = {"flow": _plain(self.hparams.flow), "vae": self.vae_reference(), "conditioner": self.conditioner.spec()}
+        return describe("dit", parts, meta)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint.update(self.model_configs())
+        checkpoint.setdefault("vidgen", {}).update(self.checkpoint_description())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Resuming against a different VAE would train the DiT on a shifted latent space: refuse.
-        saved = (checkpoint.get("vae") or {}).get("fingerprint")
-        path = self.hparams.vae_path
-        if saved and path and Path(path, "model.safetensors").is_file() and vae_fingerprint(path) != saved:
-            raise ValueError(f"task.module.vae_path={path}: this VAE (fingerprint {vae_fingerprint(path)}) is not the "
-                             f"one the checkpoint was trained with ({checkpoint['vae']['path']}, fingerprint {saved})")
+        ref = ((checkpoint.get("vidgen") or {}).get("meta") or {}).get("vae") or {}
+        saved, path = ref.get("fingerprint"), self.hparams.vae_path
+        if saved and path and Path(path, WEIGHTS_NAME).is_file():
+            found = fingerprint_folder(path)
+            if found != saved:
+                raise ValueError(f"task.module.vae_path={path}: this VAE (fingerprint {short(found)}) is not the one "
+                                 f"the checkpoint was trained with ({ref.get('path')}, fingerprint {short(saved)})")
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers / tuples -> plain dicts and lists (JSON-serialisable, `weights_only`-loadable)."""
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return [_plain(v) for v in value]
+    return value

@@ -1,6 +1,6 @@
 """Wrapping for scale, applied from outside the model code in one place (as torchtitan's parallelize.py).
 
-- FSDP: `fsdp_wrap_policy()` makes each transformer block (DiT blocks, text-encoder layers) one shard unit.
+- FSDP: `fsdp_wrap_policy()` makes each transformer block (DiT blocks, text-encoder blocks) one shard unit.
 - Activation checkpointing: each DiT block recomputed in backward.
 - `torch.compile`: each DiT block compiled on its own with `fullgraph=True` (no graph breaks; repeated
   blocks share one compiled graph, so compile time does not grow with depth).
@@ -10,24 +10,18 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from torch import nn
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from vidgen.models.dit import DiT, DiTBlock
+from vidgen.models.text import EncoderBlock
 
 log = logging.getLogger(__name__)
 
 
 def wrap_unit_classes() -> set[type[nn.Module]]:
-    """Module classes that form one FSDP unit / checkpoint unit."""
-    from vidgen.models.text import ByteTextEncoder
-
-    units: set[type[nn.Module]] = {DiTBlock}
-    layer = getattr(ByteTextEncoder, "layer_class", None)
-    if layer is not None:
-        units.add(layer)
-    return units
+    """Module classes that form one FSDP unit / checkpoint unit: the DiT blocks and the text encoder's blocks."""
+    return {DiTBlock, EncoderBlock}
 
 
 def fsdp_wrap_policy() -> ModuleWrapPolicy:
@@ -49,8 +43,3 @@ def parallelize(module: nn.Module, *, activation_checkpointing: bool = False, co
         log.info("parallelize: %d DiT(s), activation_checkpointing=%s, compile=%s", len(dits),
                  activation_checkpointing, compile)
     return module
-
-
-def fused_adamw_available(device: torch.device | str) -> bool:
-    """Fused AdamW kernels exist for CUDA parameters."""
-    return torch.device(device).type == "cuda"

@@ -11,7 +11,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vidgen.training.parallelize import parallelize
-from vidgen.training.checkpoint import AtomicCheckpointIO, load_checkpoint, newest_checkpoint
+from vidgen.io.checkpoint import checkpoint_kind, load_checkpoint
+from vidgen.training.checkpoint import AtomicCheckpointIO, newest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,14 @@ def resolve_resume(resume: str | None, output_dir: Path) -> str | None:
 
 
 def check_checkpoint_kind(ckpt_path: str, task_name: str) -> None:
-    """Stop with one clear line when a checkpoint was written by another task (e.g. a VAE ckpt for a DiT run)."""
+    """Stop with one clear line when a checkpoint was written by another task (e.g. a VAE ckpt for a DiT run).
+
+    Sharded folders (FSDP, DeepSpeed) are read back by their own strategy, which checks what it loads.
+    """
     if Path(ckpt_path).is_dir():
         return
-    kind = load_checkpoint(ckpt_path).get("vidgen", {}).get("task")
-    if kind is not None and kind != task_name:
+    kind = checkpoint_kind(load_checkpoint(ckpt_path))
+    if kind != "unknown" and kind != task_name:
         raise ConfigError(f"resume={ckpt_path}: a '{kind}' checkpoint, but this run is task={task_name}")
 
 
@@ -69,7 +73,7 @@ class RunMetadata(pl.Callback):
         self.meta = {"task": cfg.task.name, "config": OmegaConf.to_container(cfg, resolve=True)}
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        checkpoint["vidgen"] = self.meta
+        checkpoint.setdefault("vidgen", {}).update(self.meta)  # the module adds its parts (vidgen.io.checkpoint)
 
 
 def train(cfg: DictConfig) -> pl.Trainer:

@@ -1,7 +1,7 @@
 """Sample-logging callback: every N steps, videos for fixed prompts and seeds from the (EMA) DiT being trained.
 
-The samples go through `vidgen.sampling_pipeline.DiTPipeline`, the object `sample.py` uses, built around the
-training module's own DiT / text encoder / flow / frozen VAE, so what is logged is what sampling a checkpoint
+The samples go through `vidgen.pipeline.DiTPipeline`, the object `sample.py` uses, built around the
+training module's own DiT / conditioner / flow / frozen VAE, so what is logged is what sampling a checkpoint
 of this step gives. Files land in `{default_root_dir}/samples/step_XXXXXXX/` (NN_prompt.mp4 + .png contact
 sheet); a `WandbLogger` also gets them as `wandb.Video`s. Rank zero only: with sharded strategies (FSDP,
 DeepSpeed ZeRO-3) the parameters are not whole on one rank, so leave this callback off there.
@@ -16,6 +16,10 @@ from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import torch
+
+from vidgen.io.video import save_sample, slug
+from vidgen.pipeline import DiTPipeline
+from vidgen.training.callbacks import find_ema
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +59,7 @@ class SampleLogging(pl.Callback):
         if not trainer.is_global_zero or step == self.last_step or not self.prompts:
             return []
         self.last_step = step
-        from vidgen.sampling_pipeline import DiTPipeline, save_sample, slug
-        from vidgen.training.callbacks import find_ema
-
-        pipe = DiTPipeline(pl_module.dit, pl_module.text, pl_module.vae, pl_module.flow)
+        pipe = DiTPipeline(pl_module.dit, pl_module.conditioner, pl_module.vae, pl_module.flow)
         ema = find_ema(trainer) if self.use_ema else None
         was_training = pl_module.training
         pl_module.eval()

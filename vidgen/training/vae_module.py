@@ -19,6 +19,9 @@ import lightning.pytorch as pl
 import torch
 
 from vidgen.eval.metrics import psnr, ssim
+from vidgen.eval.vae import recon_strip
+from vidgen.io.checkpoint import describe, part_spec
+from vidgen.io.video import to_uint8_video, write_video
 from vidgen.models.vae import VideoVAE
 from vidgen.training.rng import step_generator
 from vidgen.training.losses import (PatchDiscriminator3D, ReconstructionLoss, adaptive_gan_weight, hinge_d_loss,
@@ -126,17 +129,14 @@ class VAEModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints and media
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Everything an export needs besides the weights: `export_vae` rebuilds VideoVAE from this.
-        checkpoint["vae_class"] = f"{VideoVAE.__module__}.{VideoVAE.__qualname__}"
-        checkpoint["vae_config"] = dict(self.vae.config)
+        # The one checkpoint format (vidgen.io.checkpoint): the export command rebuilds the VideoVAE from this.
+        checkpoint.setdefault("vidgen", {}).update(describe("vae", {"vae": part_spec("vae.", self.vae)}))
 
     @torch.no_grad()
     def _log_reconstruction(self, x: torch.Tensor, recon: torch.Tensor) -> None:
         """Side-by-side original | reconstruction of one clip [3, T, H, W]: wandb if used, else mp4 + PNG files."""
         if not self.trainer.is_global_zero:
             return
-        from vidgen.eval.vae import recon_strip, to_uint8_video
-        from vidgen.io.video import write_video
 
         pair = torch.cat([x, recon.clamp(-1, 1)], dim=-1)  # [3, T, H, 2W]
         frames = to_uint8_video(pair)  # [T, H, 2W, 3]

@@ -1,0 +1,170 @@
+"""Checkpoint -> sampled video: `DiTPipeline.from_pretrained(path)(prompts, num_frames, height, width, ...)`.
+
+`from_pretrained` reads any DiT checkpoint or export folder through the one reader (`vidgen.io.checkpoint`), so
+the DiT, the conditioner (its entries and encoders), the flow settings and the fingerprint-checked VAE are
+rebuilt from what the checkpoint records. Calling the pipeline runs `vidgen.diffusion.sampling.generate` over
+the same `Denoiser` that training optimises and decodes with the VAE. `sample.py`, the sample-logging callback
+and the evaluation scripts all use it; it depends only on models, diffusion, conditioning, io and data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from vidgen.conditioning import Conditioner
+from vidgen.data.buckets import Bucket, to_bucket
+from vidgen.diffusion.denoiser import Denoiser
+from vidgen.diffusion.flow import RectifiedFlow, num_latent_tokens
+from vidgen.diffusion.guidance import ClassifierFreeGuidance
+from vidgen.diffusion.sampling import SAMPLERS, generate
+from vidgen.io.checkpoint import check_vae_reference, read_parts
+from vidgen.io.pretrained import load_pretrained
+from vidgen.models.vae import VideoVAE
+
+
+class SamplingError(ValueError):
+    """A setting or input that cannot be sampled from; the message names it and what was expected."""
+
+
+@dataclass
+class SampleOutput:
+    """Generated videos `[B, 3, T, H, W]` in [-1, 1], their latents `[B, C, t, h, w]` and the settings used."""
+
+    video: torch.Tensor
+    latents: torch.Tensor
+    settings: dict[str, Any]
+
+
+class DiTPipeline:
+    """DiT + conditioner + flow + VAE: `pipe(prompts, num_frames, height, width, ...) -> SampleOutput`."""
+
+    def __init__(self, dit: nn.Module, conditioner: Conditioner, vae: VideoVAE, flow: RectifiedFlow,
+                 info: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None):
+        self.denoiser = Denoiser(dit, flow)
+        self.dit, self.conditioner, self.vae, self.flow = dit, conditioner, vae, flow
+        self.info = dict(info or {})
+        self.defaults = dict(defaults or {})
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, ema: bool = True, device: str | torch.device = "auto",
+                        vae: str | os.PathLike | None = None) -> DiTPipeline:
+        """Load a DiT checkpoint (file, FSDP, DeepSpeed) or export folder; `vae` overrides the recorded VAE folder."""
+        parts = read_parts(path, ema=ema, kind="dit")
+        vae_folder = check_vae_reference(parts.meta.get("vae") or {}, vae)
+        pipe = cls(parts.build("dit"), parts.conditioner(), load_pretrained(vae_folder, VideoVAE),
+                   RectifiedFlow(**parts.meta.get("flow", {})), parts.info, parts.meta.get("defaults"))
+        return pipe.to(device)
+
+    def to(self, device: str | torch.device = "auto") -> DiTPipeline:
+        """Move every part to `device` ("auto": CUDA when available) in eval mode."""
+        if str(device) == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        for m in (self.dit, self.conditioner, self.vae):
+            m.to(device).eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.dit.parameters()).device
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast for the DiT and encoders on CUDA (the VAE decodes in fp32); no-op on CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ shapes and conditioning
+    def latent_size(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """Pixel (frames, height, width) -> latent (t, h, w); one clear error when the VAE/DiT cannot make it."""
+        try:
+            t = self.vae.latent_frames(num_frames)
+        except ValueError as e:
+            raise SamplingError(f"num_frames={num_frames}: {e}") from None
+        m = self.vae.spatial_factor * max(self.dit.patch_size[1:])
+        if height % m or width % m or height < m or width < m:
+            raise SamplingError(f"height={height}, width={width}: both must be positive multiples of {m} "
+                                f"(VAE {self.vae.spatial_factor}x times DiT patch {tuple(self.dit.patch_size[1:])})")
+        if t % self.dit.patch_size[0]:
+            raise SamplingError(f"num_frames={num_frames}: {t} latent frames, not a multiple of the DiT's temporal "
+                                f"patch {self.dit.patch_size[0]}")
+        s = self.vae.spatial_factor
+        return t, height // s, width // s
+
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Prompts -> the conditioner's keyword tensors on the pipeline's device."""
+        with torch.no_grad(), self.autocast():
+            cond = self.conditioner({"caption": list(prompts)})
+        return {k: v.float() if torch.is_floating_point(v) else v for k, v in cond.items()}
+
+    @torch.no_grad()
+    def encode_frames(self, frames: np.ndarray, height: int, width: int) -> torch.Tensor:
+        """uint8 frames `[T, H, W, 3]` (T = 1 + 4k) -> normalised latents `[1, C, 1 + k, h, w]` (resize + crop)."""
+        x = to_bucket(np.asarray(frames), Bucket(frames.shape[0], height, width))  # [3, T, H, W] in [-1, 1]
+        return self.vae.encode(x[None].to(self.device), normalize=True).mode()
+
+    def clean_latents(self, image: np.ndarray | None, video: np.ndarray | None, video_frames: int | None,
+                      num_frames: int, height: int, width: int) -> tuple[torch.Tensor | None, int]:
+        """Latents held clean and how many latent frames: the image as frame 0, or the first frames of a video."""
+        if image is not None and video is not None:
+            raise SamplingError("image and video given: choose image-to-video or video extension")
+        if image is not None:
+            return self.encode_frames(np.asarray(image).reshape(1, *np.asarray(image).shape[-3:]), height, width), 1
+        if video is None:
+            return None, 0
+        total = self.vae.latent_frames(num_frames)
+        if video_frames is None:  # default: hold the first half of the latent frames
+            video_frames = self.vae.pixel_frames(max(1, total // 2))
+        try:
+            k = self.vae.latent_frames(video_frames)
+        except ValueError as e:
+            raise SamplingError(f"video_frames={video_frames}: {e}") from None
+        if k >= total or video.shape[0] < video_frames:
+            raise SamplingError(f"video_frames={video_frames}: needs fewer than num_frames={num_frames} frames and "
+                                f"at most the {video.shape[0]} frames of the given video")
+        # Causal VAE: the latents of the first 1 + 4(k-1) frames are the first k latent frames of the whole clip.
+        return self.encode_frames(video[:video_frames], height, width), k
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], num_frames: int, height: int, width: int, steps: int = 50,
+                 guidance: float = 5.0, negative_prompt: str = "", seed: int | Sequence[int] = 0,
+                 sampler: str = "euler", shift: float | None = None, image: np.ndarray | None = None,
+                 video: np.ndarray | None = None, video_frames: int | None = None,
+                 progress: bool = False) -> SampleOutput:
+        """Generate one video per prompt; `seed` int (prompt i uses seed + i) or one per prompt."""
+        if sampler not in SAMPLERS:
+            raise SamplingError(f"sampler={sampler}: expected one of {sorted(SAMPLERS)}")
+        if steps < 1:
+            raise SamplingError(f"steps={steps}: expected at least 1")
+        try:
+            guider = ClassifierFreeGuidance(guidance) if guidance != 1.0 else None
+        except ValueError as e:
+            raise SamplingError(str(e)) from None
+        t, h, w = self.latent_size(num_frames, height, width)
+        shape = (len(prompts), self.dit.in_channels, t, h, w)
+        if shift is None:  # the resolution-dependent shift the objective trained with (SD3 Sec. 5.3.2)
+            shift = self.flow.shift_for(num_latent_tokens(shape, self.dit.patch_size))
+        z_clean, num_clean = self.clean_latents(image, video, video_frames, num_frames, height, width)
+        clean = mask = None
+        if num_clean:
+            clean = torch.zeros(1, *shape[1:], device=self.device)
+            clean[:, :, :num_clean] = z_clean[:, :, :num_clean]
+            mask = (torch.arange(t, device=self.device) < num_clean)[None]  # [1, T]
+        cond = self.encode_prompts(prompts)
+        uncond = self.encode_prompts([negative_prompt]) if guider is not None else None
+        with self.autocast():
+            z = generate(self.denoiser, cond, shape, steps=steps, guider=guider, uncond=uncond, shift=shift,
+                         sampler=sampler, seed=seed, clean=clean, clean_mask=mask, progress=progress)
+        x = self.vae.decode(z.float(), normalized=True)  # [B, 3, T, H, W] in [-1, 1]
+        settings = {"num_frames": num_frames, "height": height, "width": width, "latent_shape": list(shape[1:]),
+                    "steps": steps, "guidance": guidance, "negative_prompt": negative_prompt, "sampler": sampler,
+                    "shift": float(shift), "num_clean_latent_frames": num_clean}
+        return SampleOutput(x, z, settings)
+
