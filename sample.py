@@ -7,15 +7,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from vidgen.errors import one_line_errors
 import vidgen.config  # noqa: F401  (registers the config resolvers)
-from vidgen.io.pretrained import WeightsError
 from vidgen.io.video import read_image, read_video, save_sample, slug
 from vidgen.pipeline import DiTPipeline, SamplingError
 
@@ -83,12 +82,9 @@ def run(cfg: DictConfig) -> list[Path]:
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except (SamplingError, WeightsError, FileNotFoundError) as e:  # expected: bad settings / files -> one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(cfg)  # a bad setting or file: one `error: ...` line and exit 2 (vidgen.errors)
 
 
 if __name__ == "__main__":

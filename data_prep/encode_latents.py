@@ -33,6 +33,7 @@ import webdataset as wds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from vidgen.errors import UserError  # noqa: E402
 from vidgen.data.buckets import DROP_REASONS, BucketAssigner, parse_buckets  # noqa: E402
 from vidgen.data.pipeline import ClipTransform, PipelineState, TarSamples, collate  # noqa: E402
 from vidgen.data.shards import DataConfigError, resolve_shards  # noqa: E402
@@ -51,7 +52,7 @@ TAR_MTIME = 0.0  # fixed member times: a rerun writes byte-identical tars
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class EncodeError(Exception):
+class EncodeError(UserError):
     """A bad option or output folder, reported as one line by the CLI."""
 
 

@@ -72,7 +72,11 @@ def test_sharded_and_single_file_checkpoints_export_the_same(demo_shards, tiny_v
 
 
 def test_bad_checkpoint_paths(tmp_path, capsys):
-    assert main([str(tmp_path / "missing.ckpt"), str(tmp_path / "out")]) == 2
+    from vidgen.errors import one_line_errors
+
+    with pytest.raises(SystemExit, match="2"):
+        one_line_errors(main)([str(tmp_path / "missing.ckpt"), str(tmp_path / "out")])
     (tmp_path / "folder").mkdir()
-    assert main([str(tmp_path / "folder"), str(tmp_path / "out")]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        one_line_errors(main)([str(tmp_path / "folder"), str(tmp_path / "out")])
     assert "neither an FSDP" in capsys.readouterr().err

@@ -291,3 +291,50 @@ def test_training_run_on_latents(encoded, models, tmp_path):
     assert fit(models["vae"]).global_step == 1
     with pytest.raises(DataConfigError, match="latents were made by VAE"):
         fit(models["vae_other"])
+
+
+# ---- batches, buckets, the README's latent command ------------------------------------------------------------
+def test_latent_batches_carry_the_shards_null_text(encoded, models):
+    """Every batch with text embeddings also holds the shards' own "" embedding (unbatched), for CFG dropout."""
+    null_emb, null_mask = load_null_text(encoded)
+    dm = _latent_dm(encoded, models["vae"])
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert batches and not hasattr(dm, "null_text")
+    for b in batches:
+        assert set(b) == {"latent", "caption", "key", "fps", "text_emb", "text_mask", "text_null_emb", "text_null_mask"}
+        assert torch.equal(b["text_null_emb"], null_emb) and torch.equal(b["text_null_mask"], null_mask)
+        assert b["text_null_emb"].shape == (2, TEXT["dim"]) and b["text_null_mask"].dtype == torch.bool
+    dm = _latent_dm(encoded, models["vae"], use_text_emb=False)
+    dm.setup("fit")
+    assert all(set(b) == {"latent", "caption", "key", "fps"} for b in dm.train_dataloader())
+
+
+def test_buckets_come_from_the_manifest(encoded, models, caplog):
+    """An experiment's clip buckets (data.buckets) do not apply to latents: warned, the shards' buckets are used."""
+    dm = _latent_dm(encoded, models["vae"], buckets=[[49, 320, 576], [1, 416, 416]])
+    with caplog.at_level("WARNING", logger="vidgen.data.latents"):
+        dm.setup("fit")
+    assert sorted(b.key for b in dm.buckets) == sorted(BUCKETS)
+    assert "data.buckets=['1x416x416', '49x320x576'] is not used with latent shards" in caplog.text
+    assert len(list(dm.train_dataloader())) > 0
+    with pytest.raises(DataConfigError, match=r"data.batch_size: keys \['49x320x576'\] name no bucket"):
+        _latent_dm(encoded, models["vae"], batch_size={"49x320x576": 2, "default": 4}).setup("fit")
+
+
+@pytest.mark.timeout(300)
+def test_readme_latent_command_trains(encoded, models, tmp_path):
+    """README: `train.py experiment=dit_pretrain data=latents data.shards=... task.module.vae_path=...` composes
+    (dit_pretrain sets data.buckets) and trains; the rest shrinks the model / run to seconds on a CPU."""
+    from runs import train
+
+    readme = ["experiment=dit_pretrain", "data=latents", f"data.shards={encoded}",
+              f"task.module.vae_path={models['vae']}"]
+    tiny = ["trainer=cpu", "logger=none", "~callbacks.sample_logging", "trainer.max_steps=2",
+            "trainer.enable_progress_bar=false", "data.num_workers=1", "model.dit.dim=32", "model.dit.depth=2",
+            "model.dit.num_heads=2", "model.dit.ffn_dim=64", "model.dit.freq_dim=32", f"model.text.dim={TEXT['dim']}",
+            "model.text.depth=1", "model.text.num_heads=2"]
+    out = train(readme + tiny, tmp_path, timeout=240)
+    assert "max_steps=2` reached" in out.stdout + out.stderr
+    assert "is not used with latent shards" in out.stdout + out.stderr
+    assert (tmp_path / "runs" / "dit_pretrain" / "checkpoints" / "last.ckpt").is_file()

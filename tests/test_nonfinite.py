@@ -48,7 +48,8 @@ def _loader():
 
 def _fit(tmp_path, model, callbacks, steps=40, **ckpt):
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="step{step:03d}", every_n_train_steps=1,
-                                           auto_insert_metric_name=False, save_last=True, save_top_k=1, monitor="step", mode="max", **ckpt)
+                                           auto_insert_metric_name=False, save_last=True, save_top_k=1, monitor="step",
+                                           mode="max", **ckpt)
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, callbacks=[*callbacks, ckpt_cb], logger=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                          plugins=[AtomicCheckpointIO()])
@@ -119,6 +120,15 @@ def test_blown_up_weights_never_reach_a_checkpoint(tmp_path):
     assert {p.name for p in files} == {"step005.ckpt", "last.ckpt"}
 
 
+def test_weights_blown_up_but_finite_stop_after_max_consecutive_held_steps(tmp_path):
+    """lr=2e3 from step 3: weights ~2e3 with a finite loss; no checkpoint from them, stop after 3 held steps."""
+    msg = _fit(tmp_path, Regression(), [NonFiniteGuard(max_consecutive=3), LrBlowUp(step=3, lr=2e3)])
+    assert msg.startswith("step 7: checkpoints held back for 3 steps in a row"), msg
+    assert "now because the largest |weight| is" in msg and "max_weight_growth=1000" in msg, msg
+    assert _assert_sane(_named(msg))["global_step"] == 3
+    assert {p.name for p in _assert_all_sane(tmp_path)} == {"step003.ckpt", "last.ckpt"}
+
+
 def test_nonfinite_weights_stop_at_once(tmp_path):
     """A finite step that makes the weights non-finite (SGD at lr=inf): stop right there, checkpoint nothing more."""
     msg = _fit(tmp_path, Regression(sgd=True), [NonFiniteGuard(max_consecutive=10), LrBlowUp(step=3, lr=float("inf"))],
@@ -167,13 +177,14 @@ def test_guard_state_round_trips():
 # ------------------------------------------------------------------ the real train.py
 
 def _dit_run(root, vae, shards, extra):
-    base = [*tiny_dit_overrides(vae, shards), "trainer.max_steps=30", "callbacks.model_checkpoint.every_n_train_steps=2",
-            "callbacks.model_checkpoint.save_top_k=1", "callbacks.nonfinite_guard.max_consecutive=3"]
+    base = [*tiny_dit_overrides(vae, shards), "trainer.max_steps=30",
+            "callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.model_checkpoint.save_top_k=1",
+            "callbacks.nonfinite_guard.max_consecutive=3"]
     out = train([*base, *extra], root, check=False)
-    assert out.returncode != 0, "the diverging run should stop"
-    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("FloatingPointError: ")]
-    assert len(lines) == 1, out.stderr[-3000:]
-    return lines[0].removeprefix("FloatingPointError: "), root / "runs" / "quickstart_dit"
+    assert out.returncode == 2, "the diverging run should stop with one line and exit 2"
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    return lines[0].removeprefix("error: "), root / "runs" / "quickstart_dit"
 
 
 @pytest.mark.slow

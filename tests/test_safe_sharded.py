@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from vidgen.errors import UserError
 from vidgen.io.sharded import UnsafeCheckpointError, read_deepspeed_folder, read_fsdp_folder
 
 torch.set_num_threads(1)
@@ -104,6 +105,22 @@ def test_crafted_dcp_metadata_is_refused_without_running_it(tmp_path):
         read_fsdp_folder(folder)
     assert "\n" not in str(e.value)
     assert not marker.exists()
+
+
+def test_crafted_dcp_metadata_cannot_alter_allowed_classes(tmp_path):
+    """BUILD may only fill fresh metadata dataclasses: not patch a class or a shared enum member of torch."""
+    folder = tmp_path / "sharded"
+    _dcp_save({"model": {"w": torch.ones(2)}}, folder)
+    enum_cls = b"\x80\x02ctorch.distributed.checkpoint.metadata\n_MEM_FORMAT_ENCODING\n"
+    key = b"X\x07\x00\x00\x00_value_K\x05s"  # {"_value_": 5}
+    for payload in (enum_cls + b"K\x00\x85R}" + key + b"b.",  # _MEM_FORMAT_ENCODING(0).__dict__ |= {...}
+                    enum_cls + b"N}" + key + b"\x86b."):  # setattr(_MEM_FORMAT_ENCODING, "_value_", 5)
+        (folder / ".metadata").write_bytes(payload)
+        with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: sets the state of"):
+            read_fsdp_folder(folder)
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    assert _MEM_FORMAT_ENCODING(0)._value_ == 0 and "_value_" not in vars(_MEM_FORMAT_ENCODING)
 
 
 def test_dcp_item_with_pickled_code_is_refused(tmp_path):
@@ -294,7 +311,8 @@ def test_truncated_or_missing_fsdp_file_names_it(tmp_path, victim):
     _truncate(folder / victim)
     with pytest.raises(ValueError, match=rf"{victim}: (truncated|.*corrupt)") as e:
         read_fsdp_folder(folder)
-    assert not isinstance(e.value, UnsafeCheckpointError) and "\n" not in str(e.value)
+    assert isinstance(e.value, UserError) and not isinstance(e.value, UnsafeCheckpointError)
+    assert "\n" not in str(e.value)
     (folder / victim).unlink()
     if victim != "meta.pt":  # meta.pt is optional, as in Lightning
         with pytest.raises(ValueError, match=rf"{victim}: missing"):
@@ -307,9 +325,10 @@ def test_truncated_or_missing_deepspeed_file_names_it(tmp_path, fake_deepspeed, 
     _truncate(tmp_path / "checkpoint" / victim)
     with pytest.raises(ValueError, match=rf"{victim}: truncated or corrupt") as e:
         read_deepspeed_folder(tmp_path)
-    assert not isinstance(e.value, UnsafeCheckpointError) and "\n" not in str(e.value)
+    assert isinstance(e.value, UserError) and not isinstance(e.value, UnsafeCheckpointError)
+    assert "\n" not in str(e.value)
     (tmp_path / "checkpoint" / victim).unlink()
-    with pytest.raises(ValueError, match=rf"{victim}: missing" if "model" in victim else "but only 1 optimizer"):
+    with pytest.raises(ValueError, match=rf"{victim}: missing" if "model" in victim else "over 2 ranks, but 1 optimizer"):
         read_deepspeed_folder(tmp_path)
     (tmp_path / "latest").unlink()
     with pytest.raises(ValueError, match="latest: missing"):

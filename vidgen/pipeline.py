@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vidgen.errors import UserError
 from vidgen.conditioning import Conditioner
 from vidgen.data.buckets import Bucket, to_bucket
 from vidgen.diffusion.denoiser import Denoiser
@@ -29,7 +30,7 @@ from vidgen.io.pretrained import load_pretrained
 from vidgen.models.vae import VideoVAE
 
 
-class SamplingError(ValueError):
+class SamplingError(UserError):
     """A setting or input that cannot be sampled from; the message names it and what was expected."""
 
 

@@ -135,9 +135,12 @@ class ShardDataModule(DataPositionMixin, pl.LightningDataModule):
                                 role="train" if train else "validation")
         dataset = self.build_dataset(shards, train=train, resampled=resampled, rank=rank, world_size=world,
                                      context=context)
+        held_out = not train and self.hparams.val_shards is None
+        workers = self.num_workers_for(shards, rank, world, train,
+                                       f"{setting} (held out by data.val_split)" if held_out else setting)
         epoch_fn = (lambda: self.trainer.current_epoch) if (train and self.trainer is not None) else None
-        loader = ClipLoader(dataset, num_workers=self.num_workers_for(shards, rank, world, train, setting),
-                            pin_memory=hp.pin_memory, prefetch_factor=hp.prefetch_factor, epoch_fn=epoch_fn)
+        loader = ClipLoader(dataset, num_workers=workers, pin_memory=hp.pin_memory, prefetch_factor=hp.prefetch_factor,
+                            epoch_fn=epoch_fn)
         if resampled:
             loader.with_epoch(self.epoch_batches(shards, world))
         return loader

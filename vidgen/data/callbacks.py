@@ -10,8 +10,9 @@ class DataStatsCallback(pl.Callback):
 
     No cross-rank reduction on purpose: in the non-resampled mode ranks may end their epochs at different
     steps, and an epoch-end collective would then pair with another rank's gradient all-reduce.
-    ClipDataModule attaches one itself when it has a trainer (`log_stats=true`); listing it in the callbacks
-    config as well is harmless (the module attaches one only when none is present).
+    The clip and latent data modules (vidgen.data.base.ShardDataModule) attach one themselves when they have a
+    trainer (`log_stats=true`); listing it in the callbacks config as well is harmless (they attach one only
+    when none is present).
     """
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:

@@ -77,6 +77,9 @@ def read_latent_manifest(folder: str | os.PathLike, setting: str = "data.shards"
     if "vae" not in manifest or "shards" not in manifest:
         raise DataConfigError(f"{setting}: {path} is not a latent manifest (a clip-shard folder? run "
                               "data_prep/encode_latents.py on it first)")
+    if manifest.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+        raise DataConfigError(f"{setting}: {path} has latent format {manifest['format']}, this vidgen reads format "
+                              f"{FORMAT_VERSION}; re-run data_prep/encode_latents.py with this version")
     return manifest
 
 

@@ -18,11 +18,17 @@ from typing import Any, Iterable
 
 import torch
 
+from vidgen.errors import one_line_errors
 from vidgen.data.datamodule import ClipDataModule
-from vidgen.io.pretrained import WeightsError, load_pretrained, read_config, save_pretrained
+from vidgen.data.shards import DataConfigError
+from vidgen.io.pretrained import load_pretrained, read_config, save_pretrained
 from vidgen.models.vae import VideoVAE
 
 log = logging.getLogger(__name__)
+
+
+class NoClipsError(ValueError):
+    """The shards gave no clip of the asked shape."""
 
 
 @torch.no_grad()
@@ -51,7 +57,7 @@ def measure_latent_stats(vae: VideoVAE, batches: Iterable[dict[str, Any] | torch
         if clips >= max_clips:
             break
     if clips == 0:
-        raise ValueError("measure_latent_stats got no clips (empty data?)")
+        raise NoClipsError("measure_latent_stats got no clips (empty data?)")
     mean = total / count
     std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
     log.info("latent statistics from %d clips (%d latent positions)", clips, count)
@@ -101,18 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     hw = tuple(int(v) for v in size.lower().split("x")) if "x" in size.lower() else int(size)
     chunk = int(kv["chunk"]) if kv.get("chunk") not in (None, "", "null", "none") else None
     clips = int(kv.get("clips", 64))
+    batches = clip_batches(kv["shards"], int(kv.get("frames", 17)), hw, int(kv.get("batch_size", 1)),
+                           kv.get("decoder", "decord"))
     try:
-        batches = clip_batches(kv["shards"], int(kv.get("frames", 17)), hw, int(kv.get("batch_size", 1)),
-                               kv.get("decoder", "decord"))
         store_latent_stats(kv["vae"], batches, clips, chunk_size=chunk, device=kv.get("device", "cpu"))
-    except (WeightsError, FileNotFoundError, ValueError) as e:
-        hint = (f" (shards={kv['shards']}: no clip fits frames={kv.get('frames', 17)} size={size}; pass a smaller "
-                f"size= or frames=)" if "no clips" in str(e) else "")
-        print(f"latent_stats: error: {e}{hint}", file=sys.stderr)
-        return 2
+    except NoClipsError:
+        raise DataConfigError(f"shards={kv['shards']}: no clip fits frames={kv.get('frames', 17)} size={size}; "
+                              f"pass a smaller size= or frames=") from None
     print(f"stored latent mean/std over up to {clips} clips in {kv['vae']}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(one_line_errors(main)())

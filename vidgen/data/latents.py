@@ -15,7 +15,6 @@ import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -194,8 +193,8 @@ class LatentDataModule(ShardDataModule):
         for folder, (e, m) in rest:
             if e.shape != emb.shape or not torch.equal(e, emb) or not torch.equal(m, mask):
                 raise DataConfigError(f"{self.train_setting}: {first} and {folder} hold different null-caption "
-                                      "embeddings (null_text.safetensors), so their text embeddings come from different "
-                                      "text encoders; train on shards of one text encoder")
+                                      "embeddings (null_text.safetensors), so their text embeddings come from "
+                                      "different text encoders; train on shards of one text encoder")
         return emb, mask
 
     def _check(self) -> None:

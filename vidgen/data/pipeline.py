@@ -348,8 +348,7 @@ def source_stages(urls: Sequence[str], state: PipelineState, counts: WorkerCount
 def worker_counts(urls: Sequence[str], resampled: bool, max_empty_draws: int | None,
                   context: StarveContext | None) -> WorkerCounts:
     """Counts for a pipeline; a resampled (endless) one gets the starvation guard."""
-    return WorkerCounts(starve_after=max_empty_draws if resampled else None, num_shards=len(set(urls)),
-                        context=context)
+    return WorkerCounts(watch=resampled, starve_after=max_empty_draws, num_shards=len(set(urls)), context=context)
 
 
 def build_clip_dataset(urls: Sequence[str], *, buckets, batch_size, train: bool, seed: int = 0,

@@ -1,18 +1,20 @@
-"""Preflight counts from shard metadata only (json members; no video decoding): samples per bucket, drops by reason.
-
-Used by data_prep/inspect_data.py. Undecodable mp4 bytes are only found by decoding; the loader counts those.
+"""Preflight counts for data_prep/inspect_data.py: every sample from its json alone (fast), then a sample of the
+clips decoded by the loader's own transform, since undecodable mp4 bytes are only found by decoding.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import tarfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from itertools import islice
+from typing import Iterable, Iterator, Sequence
 
 from vidgen.data.buckets import Bucket, BucketAssigner
+from vidgen.data.pipeline import ClipTransform, PipelineState, SampleDrop, TarSamples, read_meta, video_fields
+from vidgen.data.stats import WorkerCounts
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,6 @@ class MetadataReport:
     dropped: Counter = field(default_factory=Counter)
     empty_captions: int = 0
     tar_errors: int = 0
-    shards: int = 0
 
     @property
     def kept(self) -> int:
@@ -58,7 +59,6 @@ def scan_metadata(urls: Iterable[str], assigner: BucketAssigner, require_caption
     """Assign every sample of the shards to a bucket from its json alone -> MetadataReport."""
     report = MetadataReport()
     for url in urls:
-        report.shards += 1
         try:
             samples = list(iter_shard_members(url))
         except (OSError, tarfile.TarError) as e:
@@ -75,16 +75,60 @@ def scan_metadata(urls: Iterable[str], assigner: BucketAssigner, require_caption
 
 
 def _classify(members: dict, assigner: BucketAssigner, require_caption: bool, report: MetadataReport) -> Bucket | str:
-    if members.get("json") is None or not any(m in members for m in MEDIA_MEMBERS):
+    """One sample's bucket from its json (the loader's own json rules), or the drop reason."""
+    if not any(m in members for m in MEDIA_MEMBERS):
         return "corrupt"  # missing member
     try:
-        meta = json.loads(members["json"])
-        num_frames = int(meta["num_frames"]) if "mp4" in members else 1
-        plan = assigner.assign(num_frames, float(meta.get("fps") or 0.0), int(meta["width"]), int(meta["height"]))
-    except (ValueError, KeyError, TypeError):
+        meta = read_meta(members)
+        if "mp4" in members:
+            num_frames, width, height, fps = video_fields(meta)
+        else:  # an image: one frame of the size make_shards recorded
+            num_frames, width, height, fps = 1, int(meta["width"]), int(meta["height"]), 0.0
+    except (SampleDrop, KeyError, TypeError, ValueError):
         return "corrupt"
     if not str(meta.get("caption") or "").strip():
         if require_caption:
             return "no_caption"
         report.empty_captions += 1
+    plan = assigner.assign(num_frames, fps, width, height)
     return plan if isinstance(plan, str) else plan.bucket
+
+
+@dataclass
+class DecodeReport:
+    """A sample of the shards run through the loader's transform (json + decoding): kept, drops by reason."""
+
+    tried: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+    tar_errors: int = 0
+
+    @property
+    def kept_fraction(self) -> float | None:
+        return self.kept / self.tried if self.tried else None
+
+
+def decode_check(urls: Sequence[str], assigner: BucketAssigner, *, max_samples: int = 64, decoder: str = "decord",
+                 require_caption: bool = False) -> DecodeReport:
+    """Decode up to `max_samples` samples spread over the shards (the first ones of evenly spaced shards), with
+    the loader's own ClipTransform in validation mode (centred clip) -> DecodeReport."""
+    report = DecodeReport()
+    if not urls or max_samples < 1:
+        return report
+    visit = min(len(urls), max_samples)
+    chosen = [urls[int(i * len(urls) / visit)] for i in range(visit)]
+    per_shard = math.ceil(max_samples / visit)
+    counts = WorkerCounts()
+    transform = ClipTransform(assigner, counts, PipelineState(0), train=False, seed=0, decoder=decoder,
+                              require_caption=require_caption)
+    for url in chosen:
+        for raw in islice(TarSamples(counts)(iter([dict(url=url)])), min(per_shard, max_samples - report.tried)):
+            report.tried += 1
+            report.kept += transform.process(raw) is not None
+        if report.tried >= max_samples:
+            break
+    report.tar_errors = counts.counts.pop("tar_error")
+    report.dropped.update({r: n for r, n in counts.counts.items() if n})
+    report.examples = dict(counts.examples)
+    return report

@@ -16,13 +16,15 @@ from typing import Sequence
 
 import webdataset as wds
 
+from vidgen.errors import UserError
+
 log = logging.getLogger(__name__)
 
 EXPECTED = ("a shard folder (holding manifest.json and clips-*.tar), a .tar path, a glob, "
             "a brace pattern like clips-{000000..000009}.tar, or a list of these")
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UserError):
     """A data setting that cannot work; the message names the setting and what was expected."""
 
 

@@ -74,16 +74,17 @@ def starved_message(ctx: StarveContext, counts: Mapping[str, int], examples: Map
     before drawing every shard (the message then also names `ctx.more_draws`).
     """
     drops = {r: int(n) for r, n in counts.items() if n and r != "tar_error"}
-    parts = [f"{r} {n}" + (f" (e.g. {examples[r]})" if r in examples else "")
-             for r, n in sorted(drops.items(), key=lambda kv: -kv[1])]
+    parts = []
+    if drops:
+        parts.append("dropped " + ", ".join(f"{r} {n}" + (f" (e.g. {examples[r]})" if r in examples else "")
+                                            for r, n in sorted(drops.items(), key=lambda kv: -kv[1])))
     if counts.get("tar_error"):
         parts.append(f"unreadable shards {counts['tar_error']}"
                      + (f" (e.g. {examples['tar_error']})" if "tar_error" in examples else ""))
     if kept:
         what, top = f"{kept} sample(s) kept but no full batch formed", "drop_last"
     elif parts:
-        what = "dropped " + ", ".join(parts)
-        top = max(drops, key=drops.get) if drops else "tar_error"
+        what, top = ", ".join(parts), max(drops, key=drops.get) if drops else "tar_error"
     else:
         what, top = "the shards hold no samples", "empty"
     fix = ctx.fixes.get(top, f"check {ctx.setting} with data_prep/inspect_data.py")

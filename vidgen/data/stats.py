@@ -4,8 +4,8 @@ Each DataLoader worker keeps its own `WorkerCounts` for the current pass; every 
 running counts under `__stats__` (and a stats-only item ends each worker's pass). `ClipLoader` strips them in
 the main process and folds them into a `LoaderStats`, so the counts are right for any `num_workers`.
 
-For an endless (resampled) stream the worker also watches for starvation: when `starve_after` shard draws have
-been read and processed, or every shard has, and not one sample was kept this pass, it raises DataStarvedError;
+For an endless (resampled) stream the worker also watches for starvation: when every shard, or `starve_after`
+shard draws, have been read and processed and not one sample was kept this pass, it raises DataStarvedError;
 the batcher turns that into a `__starved__` item, so the main process raises it as one line (no worker traceback).
 """
 
@@ -40,13 +40,14 @@ class WorkerCounts:
     """Per-pass counts inside one worker (drops by reason with a first example, samples kept, shards read);
     also the webdataset exception handler and, with `starve_after`, the resampled-stream starvation guard.
 
-    starve_after: give up after this many fully processed shard draws with no sample kept (None: never);
-    num_shards: shards the stream draws from (all of them drawn once, with no sample kept, is enough to give up);
+    watch: guard this (endless) stream: give up when `num_shards` distinct shards, or `starve_after` shard draws
+    (None: no limit), have been read and processed and no sample was kept this pass;
     context: names the setting and folder in the error.
     """
 
-    def __init__(self, starve_after: int | None = None, num_shards: int = 0, context: StarveContext | None = None):
-        self.starve_after, self.num_shards, self.context = starve_after, num_shards, context
+    def __init__(self, watch: bool = False, starve_after: int | None = None, num_shards: int = 0,
+                 context: StarveContext | None = None):
+        self.watch, self.starve_after, self.num_shards, self.context = watch, starve_after, num_shards, context
         self.reset()
 
     def reset(self) -> None:
@@ -113,12 +114,13 @@ class WorkerCounts:
         del self._open[draw]
         self._done_draws += 1
         self._done_urls.add(url)
-        if self.starve_after is None or self.kept:
+        if not self.watch or self.kept:
             return
         all_tried = len(self._done_urls) >= self.num_shards
-        if all_tried or self._done_draws >= self.starve_after:
-            scope = (f"{self._done_draws} resampled shard draw(s) ({len(self._done_urls)} of {self.num_shards} "
-                     f"shard(s)) in worker {worker_id()}")
+        if all_tried or (self.starve_after is not None and self._done_draws >= self.starve_after):
+            covered = "all" if all_tried else f"{len(self._done_urls)} of"
+            scope = (f"{self.shards} resampled shard draw(s) in worker {worker_id()}, covering {covered} "
+                     f"{self.num_shards} shard(s)")
             ctx = self.context or StarveContext("data", "?")
             raise DataStarvedError(starved_message(ctx, self.counts, self.examples, kept=0, scope=scope,
                                                    all_tried=all_tried))

@@ -22,7 +22,8 @@ from typing import Iterator
 # recorded) is stale once it has not been modified for this long.
 STALE_AFTER_S = 3600.0
 
-_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<rand>[0-9a-z]+)\.(?P<pid>\d+)-(?P<start>\d+)@(?P<host>[A-Za-z0-9-]+)\.tmp$")
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<rand>[0-9a-z]+)\.(?P<pid>\d+)-(?P<start>\d+)@(?P<host>[A-Za-z0-9-]+)"
+                      r"\.tmp$")
 _LEGACY_RE = re.compile(r"^\.(?P<name>.+)\.(?P<rand>[a-z0-9_]{8})\.tmp$")  # tempfile.mkstemp names (older versions)
 _LEGACY_DIR_RE = re.compile(r"^\.(?P<name>.+)\.(?P<rand>[a-z0-9_]{8})$")  # tempfile.mkdtemp names (older exports)
 

@@ -23,7 +23,6 @@ import os
 import pickle
 import shutil
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +32,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from vidgen.errors import one_line_errors
 from vidgen.conditioning import Conditioner
-from vidgen.io.atomic import atomic_write_text
+from vidgen.io.atomic import atomic_dir, atomic_write_text
 from vidgen.io.fingerprint import fingerprint_folder, short
 from vidgen.io.pretrained import (CONFIG_NAME, WEIGHTS_NAME, WeightsError, build_model, class_path, import_class,
                                   load_state, read_config,
@@ -301,22 +301,13 @@ def write_export(parts: ModelParts, out: str | os.PathLike, copy_vae: bool = Tru
     if out.exists() and not (out / EXPORT_META).is_file() and not (out / CONFIG_NAME).is_file() \
             and any(out.iterdir()):
         raise CheckpointError(f"out={out}: exists and is not an export folder; choose an empty or new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
+    with atomic_dir(out) as tmp:  # a killed export leaves `out` as it was (its temporary is cleaned up later)
         if parts.kind == "vae" and set(parts.parts) == {"vae"}:  # a VAE export is the bare model folder
             vae = parts.build("vae")
             save_pretrained(vae, tmp, extra={k: v for k, v in parts.parts["vae"].extra.items()
                                              if k not in vae.export_extra()})
         else:
             _write_parts(parts, tmp, copy_vae)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 
@@ -345,12 +336,6 @@ def _write_parts(parts: ModelParts, tmp: Path, copy_vae: bool) -> None:
                                                      "adapters": adapters, "meta": meta, "info": info}, indent=2))
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 # ---------------------------------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
     """`python -m vidgen.io.checkpoint CKPT OUT`: any checkpoint (file, FSDP, DeepSpeed) -> an export folder."""
@@ -362,16 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-copy-vae", dest="copy_vae", action="store_false",
                    help="a DiT export references its VAE folder instead of holding a copy")
     args = p.parse_args(argv)
-    try:
-        parts = read_parts(args.ckpt, ema=args.ema)
-        out = write_export(parts, args.out, copy_vae=args.copy_vae)
-    except (WeightsError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    parts = read_parts(args.ckpt, ema=args.ema)
+    out = write_export(parts, args.out, copy_vae=args.copy_vae)
     print(f"exported {parts.kind} {args.ckpt} -> {out} ({'EMA' if parts.info.get('ema_used') else 'raw'} weights, "
           f"step {parts.info.get('global_step')})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(one_line_errors(main)())

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vidgen.errors import UserError
 from vidgen.io.atomic import atomic_path, atomic_write_text
 
 CONFIG_NAME = "config.json"
@@ -28,7 +29,7 @@ WEIGHTS_NAME = "model.safetensors"
 ALLOWED_PREFIXES = ("vidgen.models.", "vidgen.conditioning.")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """Weights or a folder that cannot be read as expected; the message names the file and what was expected."""
 
 

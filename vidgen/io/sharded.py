@@ -9,6 +9,7 @@ other payload through `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import io
 import math
@@ -19,27 +20,29 @@ from typing import Any
 
 import torch
 
+from vidgen.errors import UserError
+
 META_FILE = "meta.pt"  # Lightning's FSDPStrategy: everything but weights and optimizer states
 _REFUSED = "holds pickled objects that are not plain tensors/containers; refusing to unpickle it"
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UserError):
     """A checkpoint file that would need unpickling arbitrary objects (or reads outside its folder); refused."""
 
 
 def _require(path: Path) -> Path:
     if not path.is_file():
-        raise ValueError(f"{path}: missing checkpoint file")
+        raise UserError(f"{path}: missing checkpoint file")
     return path
 
 
-def _corrupt(name: Any, e: BaseException) -> ValueError:
+def _corrupt(name: Any, e: BaseException) -> UserError:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return ValueError(f"{name}: truncated or corrupt checkpoint file ({first})")
+    return UserError(f"{name}: truncated or corrupt checkpoint file ({first})")
 
 
 def _load_plain(source: Any, name: Any, **kwargs: Any) -> Any:
-    """torch.load(weights_only=True): objects beyond tensors/containers -> UnsafeCheckpointError, else ValueError."""
+    """torch.load(weights_only=True): objects beyond tensors/containers -> UnsafeCheckpointError, else UserError."""
     try:
         return torch.load(source, map_location="cpu", weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
@@ -68,10 +71,11 @@ _PATH_CLASSES = {"PosixPath": PurePosixPath, "PurePosixPath": PurePosixPath, "Wi
                  "PureWindowsPath": PureWindowsPath}
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class _MetadataUnpickler(pickle._Unpickler):  # the pure-Python unpickler, whose opcodes can be overridden
     """Unpickler that builds only the classes torch.distributed.checkpoint metadata is made of."""
 
     path: Path
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
         if module in ("pathlib", "pathlib._local") and name in _PATH_CLASSES:
@@ -80,6 +84,14 @@ class _MetadataUnpickler(pickle.Unpickler):
             return getattr(importlib.import_module(module), name)
         raise UnsafeCheckpointError(f"{self.path}: pickles {module}.{name}, which DCP metadata never holds; "
                                     f"refusing to unpickle it")
+
+    def load_build(self) -> None:  # set state only on fresh dataclass instances, never on a class or enum member
+        if isinstance(self.stack[-2], type) or not dataclasses.is_dataclass(self.stack[-2]):
+            raise UnsafeCheckpointError(f"{self.path}: sets the state of {type(self.stack[-2]).__name__}, which "
+                                        f"DCP metadata never does; refusing to unpickle it")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def _read_dcp_metadata(folder: Path) -> Any:
@@ -97,15 +109,15 @@ def _read_dcp_metadata(folder: Path) -> Any:
     except Exception as e:
         raise _corrupt(path, e) from None
     if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
-        raise ValueError(f"{path}: not torch.distributed.checkpoint metadata")
+        raise UserError(f"{path}: not torch.distributed.checkpoint metadata")
     for info in metadata.storage_data.values():
         rel, offset, length = (getattr(info, k, None) for k in ("relative_path", "offset", "length"))
         if not isinstance(rel, str) or rel in ("", ".", "..") or "/" in rel or "\\" in rel:
             raise UnsafeCheckpointError(f"{path}: names data file {rel!r} outside {folder}; refusing to read it")
         if not (isinstance(offset, int) and isinstance(length, int) and 0 <= offset <= offset + length):
-            raise ValueError(f"{path}: malformed storage info for {rel}")
+            raise UserError(f"{path}: malformed storage info for {rel}")
         if offset + length > _require(folder / rel).stat().st_size:
-            raise ValueError(f"{folder / rel}: truncated (metadata expects {offset + length} bytes)")
+            raise UserError(f"{folder / rel}: truncated (metadata expects {offset + length} bytes)")
     metadata.storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
     return metadata
 
@@ -146,9 +158,9 @@ def read_fsdp_folder(folder: str | Path) -> dict[str, Any]:
                     continue
                 tensor = _load_plain(stream, name)
                 if not isinstance(tensor, torch.Tensor):
-                    raise ValueError(f"{name}: tensor item {req.storage_index.fqn} holds {type(tensor).__name__}")
+                    raise UserError(f"{name}: tensor item {req.storage_index.fqn} holds {type(tensor).__name__}")
                 tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
-                planner.commit_tensor(req, planner.resolve_tensor(req).detach().copy_(tensor))  # sizes checked
+                planner.commit_tensor(req, planner.resolve_tensor(req).detach().copy_(tensor))
             done: Future = Future()
             done.set_result(None)
             return done
@@ -173,7 +185,7 @@ def read_fsdp_folder(folder: str | Path) -> dict[str, Any]:
     meta = folder / META_FILE
     checkpoint = _load_plain(meta, meta) if meta.is_file() else {}
     if not isinstance(checkpoint, dict) or "model" not in sharded:
-        raise ValueError(f"{folder}: not a Lightning FSDP checkpoint (no 'model' entry / {META_FILE} not a dict)")
+        raise UserError(f"{folder}: not a Lightning FSDP checkpoint (no 'model' entry / {META_FILE} not a dict)")
     checkpoint["state_dict"] = sharded.pop("model")
     checkpoint["optimizer_states"] = [sharded[k] for k in sorted(k for k in sharded if k.startswith("optimizer_"))]
     return checkpoint
@@ -222,7 +234,7 @@ def _zero_fp32_weights(stage: int, world: int, flat: list[list[torch.Tensor]], m
                 offset += n
             align = 2 * world  # ZeRO-2 pads each group to a multiple of 2 * world size
             if math.ceil(offset / align) != math.ceil(full.numel() / align):
-                raise ValueError(f"ZeRO-{stage}: group {g} has {full.numel()} fp32 values, params need {offset}")
+                raise ValueError(f"param group {g} has {full.numel()} fp32 values, its params need {offset}")
     else:  # every rank holds ceil(numel / world) values of each param, in param order, over all groups
         for name, shape in frozen.items():
             n = math.prod(shape)
@@ -233,7 +245,7 @@ def _zero_fp32_weights(stage: int, world: int, flat: list[list[torch.Tensor]], m
             state[name] = torch.cat([r[offset:offset + part] for r in ranks])[:n].view(shape).clone()
             offset += part
         if offset != ranks[0].numel():
-            raise ValueError(f"ZeRO-3: each rank has {ranks[0].numel()} fp32 values, params need {offset}")
+            raise ValueError(f"each rank has {ranks[0].numel()} fp32 values, the params need {offset}")
     for alias, source in (m0.get("shared_params") or {}).items():
         if source in state:
             state[alias] = state[source]
@@ -250,29 +262,45 @@ def read_deepspeed_folder(folder: str | Path) -> dict[str, Any]:
     ckpt = folder / tag
     optim_files = _natural(ckpt.glob("*_optim_states.pt"))
     if not optim_files:
-        raise ValueError(f"{ckpt}: no *_optim_states.pt files (a ZeRO checkpoint folder named by {latest})")
-    optims = [_load_ds(path, mmap=True).get("optimizer_state_dict") for path in optim_files]
-    for path, osd in zip(optim_files, optims):
-        if not isinstance(osd, dict) or not {"zero_stage", "partition_count"} <= osd.keys():
-            raise ValueError(f"{path}: not a DeepSpeed ZeRO optimizer-states file")
+        raise UserError(f"{ckpt}: no *_optim_states.pt files (a ZeRO checkpoint folder named by {latest})")
+    optims = []
+    for path in optim_files:
+        state = _load_ds(path, mmap=True)  # mmap: the (unused) Adam moments are never read into memory
+        optims.append(state.get("optimizer_state_dict") if isinstance(state, dict) else None)
+        if not isinstance(optims[-1], dict) or not {"zero_stage", "partition_count"} <= optims[-1].keys():
+            raise UserError(f"{path}: not a DeepSpeed ZeRO optimizer-states file")
     stage, count = optims[0]["zero_stage"], optims[0]["partition_count"]  # ZeroStageEnum was loaded as an int
     world = max(count) if isinstance(count, (list, tuple)) else count  # ZeRO-2: one count per param group
     if stage not in (1, 2, 3) or world != len(optim_files):
-        raise ValueError(f"{ckpt}: ZeRO-{stage} over {world} ranks, but only {len(optim_files)} optimizer-states "
-                         f"files: {', '.join(p.name for p in optim_files)}")
+        raise UserError(f"{ckpt}: ZeRO-{stage} over {world} ranks, but {len(optim_files)} optimizer-states files: "
+                        f"{', '.join(p.name for p in optim_files)}")
     model_files = [ckpt / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)] if stage == 3 \
         else [ckpt / "mp_rank_00_model_states.pt"]  # as DeepSpeed names them
     models = [_load_ds(path) for path in model_files]
     for path, m in zip(model_files, models):
         if not isinstance(m, dict) or not {"module", "buffer_names", "param_shapes"} <= m.keys():
-            raise ValueError(f"{path}: not a DeepSpeed model-states file")
+            raise UserError(f"{path}: not a DeepSpeed model-states file")
     key = "single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"
     try:
         weights = _zero_fp32_weights(stage, world, [list(osd[key]) for osd in optims], models)
-    except (KeyError, TypeError, IndexError, RuntimeError) as e:
-        raise ValueError(f"{ckpt}: malformed ZeRO-{stage} checkpoint ({type(e).__name__}: "
-                         f"{(str(e).splitlines() or [''])[0]})") from None
+    except (KeyError, TypeError, IndexError, RuntimeError, ValueError) as e:
+        raise UserError(f"{ckpt}: malformed ZeRO-{stage} checkpoint ({(str(e).splitlines() or [''])[0]})") from None
     checkpoint = {k: v for k, v in models[0].items() if k not in _DS_ENGINE_KEYS}
     prefix = "_forward_module."  # Lightning < 2.1 wrapped the module
     checkpoint["state_dict"] = {k.removeprefix(prefix): v for k, v in weights.items()}
     return checkpoint
+
+
+def check_sharded_folder(folder: str | Path) -> str:
+    """Read a whole FSDP or DeepSpeed folder the safe way before a training strategy loads it its own way
+    (DCP and DeepSpeed unpickle): anything but plain tensors/containers is refused. Returns "fsdp" | "deepspeed"."""
+    folder = Path(folder)
+    if (folder / ".metadata").is_file():
+        read_fsdp_folder(folder)
+        return "fsdp"
+    if (folder / "latest").is_file():
+        read_deepspeed_folder(folder)
+        for path in _natural((folder / (folder / "latest").read_text().strip()).glob("*.pt")):
+            _load_ds(path, mmap=True)  # every file DeepSpeed's loader will open, not only those we read
+        return "deepspeed"
+    raise UserError(f"{folder}: neither an FSDP sharded checkpoint (.metadata) nor a DeepSpeed checkpoint (latest)")

@@ -25,6 +25,21 @@ from vidgen.models.tiling import tiled_map
 from vidgen.models.vae_blocks import Decoder3d, Encoder3d
 
 
+def compression(channel_mult: Sequence[int], temporal_downsample: Sequence[bool]) -> tuple[int, int]:
+    """(temporal, spatial) compression of a VAE config: 2 ** (temporal downsamplings), 2 ** (levels - 1)."""
+    return 2 ** sum(bool(t) for t in temporal_downsample), 2 ** (len(channel_mult) - 1)
+
+
+def check_frames(num_frames: int, temporal_factor: int) -> int:
+    """The 1 + f*k frame rule of the causal VAE: `num_frames` -> latent frames 1 + k, or one clear ValueError."""
+    f = temporal_factor
+    if num_frames < 1 or (num_frames - 1) % f:
+        lo = 1 + f * max(0, (num_frames - 1) // f)
+        raise ValueError(f"{num_frames} frames, but the causal VAE maps 1 + {f}k frames to 1 + k latent frames: "
+                         f"use {lo} or {lo + f} frames (trim the clip or pad it with its last frame)")
+    return 1 + (num_frames - 1) // f
+
+
 class DiagonalGaussian:
     """Posterior q(z|x) = N(mean, diag(exp(logvar))); mean and logvar are [B, C, t, h, w]."""
 
@@ -80,8 +95,7 @@ class VideoVAE(nn.Module, Configurable):
             raise ValueError(f"temporal_downsample needs {len(channel_mult) - 1} entries (one per downsampling), "
                              f"got {len(temporal_downsample)}")
         self.latent_channels = latent_channels
-        self.temporal_factor = 2 ** sum(temporal_downsample)
-        self.spatial_factor = 2 ** (len(channel_mult) - 1)
+        self.temporal_factor, self.spatial_factor = compression(channel_mult, temporal_downsample)
         self.encoder = Encoder3d(in_channels, base_channels, 2 * latent_channels, channel_mult, num_res_blocks,
                                  temporal_downsample, dropout)
         self.quant_conv = CausalConv3d(2 * latent_channels, 2 * latent_channels, 1)
@@ -94,19 +108,17 @@ class VideoVAE(nn.Module, Configurable):
     # ----------------------------------------------------------------- frame / size rules
     def latent_frames(self, num_frames: int) -> int:
         """Latent frames for `num_frames` pixel frames (checks the 1 + f*k rule)."""
-        self._check_frames(num_frames)
-        return 1 + (num_frames - 1) // self.temporal_factor
+        return check_frames(num_frames, self.temporal_factor)
 
     def pixel_frames(self, latent_frames: int) -> int:
         """Pixel frames decoded from `latent_frames` latent frames: 1 + f*(t-1)."""
         return 1 + self.temporal_factor * (latent_frames - 1)
 
     def _check_frames(self, t: int) -> None:
-        f = self.temporal_factor
-        if t < 1 or (t - 1) % f:
-            lo = 1 + f * max(0, (t - 1) // f)
-            raise ValueError(f"VideoVAE got {t} frames, but the causal VAE maps 1 + {f}k frames to 1 + k latent "
-                             f"frames: use {lo} or {lo + f} frames (trim the clip or pad it with its last frame)")
+        try:
+            check_frames(t, self.temporal_factor)
+        except ValueError as e:
+            raise ValueError(f"VideoVAE got {e}") from None
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 5 or x.shape[1] != self.config["in_channels"]:

@@ -9,7 +9,9 @@ from typing import Any, Iterator
 import lightning.pytorch as pl
 import torch
 
+from vidgen.errors import UserError
 from vidgen.io.checkpoint import EMA_KEY
+from vidgen.training.checkpoint import newest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,10 @@ def find_ema(trainer: pl.Trainer) -> EMA | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, EMA)), None)
 
 
+class NonFiniteStop(UserError, FloatingPointError):
+    """The run diverged: the one line names the last checkpoint with finite weights (or says there is none)."""
+
+
 class NonFiniteGuard(pl.Callback):
     """Skips optimizer steps with a non-finite loss or gradients, and keeps such weights out of checkpoints.
 
@@ -105,8 +111,9 @@ class NonFiniteGuard(pl.Callback):
       optimizer leaves weights and moments untouched; the step counter and LR schedule still advance. The
       count is logged as `train/nonfinite_skipped`.
     - Stopping: `max_consecutive` skipped steps in a row (the weights give a non-finite loss on every batch),
-      or weights that became non-finite (a finite step overflowed them), raise `FloatingPointError` with one
-      line naming the newest checkpoint on disk (or saying none was written yet).
+      weights that became non-finite (a finite step overflowed them), or checkpoints held back (below) for
+      `max_consecutive` steps in a row raise `FloatingPointError` with one line naming the newest checkpoint
+      on disk (or saying none was written yet).
     - Checkpoints: while the current weights are suspect, `ModelCheckpoint` writes nothing (the hold makes
       it skip the step, as after a save of that step; it also covers `save_on_exception`). Suspect: during
       a skip streak (these weights produced the non-finite loss), and after a step that made the largest
@@ -131,6 +138,7 @@ class NonFiniteGuard(pl.Callback):
         self._trusted_scale: float | None = None  # max |w| of the last weights a checkpoint was allowed to hold
         self._checked_step: int | None = None
         self._held: str | None = None  # why checkpoints are held back now (None: they are not)
+        self._held_since: int | None = None
         self._last_saved_step: int | None = None
 
     @property
@@ -168,7 +176,6 @@ class NonFiniteGuard(pl.Callback):
                 cb._last_global_step_saved = trainer.global_step
 
     def _stop(self, trainer: pl.Trainer, what: str) -> None:
-        from vidgen.training.checkpoint import newest_checkpoint
 
         self._hold_checkpoints(trainer)
         folders = {str(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
@@ -181,7 +188,7 @@ class NonFiniteGuard(pl.Callback):
                 where += (f" (those of step {self.streak_start}, the first to give a non-finite loss: if resuming from "
                           f"it stops again, resume from an earlier one)")
             where += "."
-        raise FloatingPointError(f"{what}; stopping. No checkpoint was written from the suspect weights. {where}")
+        raise NonFiniteStop(f"{what}; stopping. No checkpoint was written while the weights were suspect. {where}")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for cb in trainer.checkpoint_callbacks:
@@ -238,19 +245,26 @@ class NonFiniteGuard(pl.Callback):
                 held = f"the weights gave a non-finite loss or gradients since step {self.streak_start}"
             elif (self.max_weight_growth is not None and self._trusted_scale is not None
                   and scale > self.max_weight_growth * max(self._trusted_scale, 1.0)):
-                held = (f"the largest weight grew to {scale:.3g}, over callbacks.nonfinite_guard.max_weight_growth="
-                        f"{self.max_weight_growth:g} x {max(self._trusted_scale, 1.0):.3g} (the last checkpointable weights)")
+                held = (f"the largest |weight| is {scale:.3g}, over callbacks.nonfinite_guard.max_weight_growth="
+                        f"{self.max_weight_growth:g} times {max(self._trusted_scale, 1.0):.3g} (that of the last "
+                        f"checkpointable weights, at least 1)")
             if held is None:
                 self._trusted_scale = scale
                 if self._held:
                     log.info("step %d: checkpoints allowed again", trainer.global_step)
+                self._held_since = None
             elif self._held is None:
                 log.warning("step %d: checkpoints held back: %s", trainer.global_step, held)
+                self._held_since = trainer.global_step
             self._held = held
+            if held is not None and trainer.global_step - self._held_since >= self.max_consecutive:
+                self._stop(trainer, f"step {trainer.global_step}: checkpoints held back for {self.max_consecutive} "
+                                    f"steps in a row (callbacks.nonfinite_guard.max_consecutive), now because {held}")
         if self._held:
             self._hold_checkpoints(trainer)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
         self._last_saved_step = trainer.global_step
 
     def state_dict(self) -> dict[str, Any]:

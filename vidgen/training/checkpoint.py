@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from vidgen.io.atomic import atomic_path
+from vidgen.io.atomic import atomic_path, remove_stale_temporaries
 from vidgen.io.checkpoint import load_checkpoint
 
 
@@ -35,8 +35,6 @@ def newest_checkpoint(*folders: str | os.PathLike) -> Path | None:
     Temporary files of an interrupted atomic write start with "." and are never picked; the stale ones
     (their writer was killed) are deleted here, so a run starting with `resume=auto` cleans them up.
     """
-    from vidgen.io.atomic import remove_stale_temporaries
-
     for folder in folders:
         remove_stale_temporaries(folder, suffix=".ckpt")
     found = [p for folder in map(Path, folders) if folder.is_dir()

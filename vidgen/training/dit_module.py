@@ -26,6 +26,7 @@ from torch import nn
 from vidgen.conditioning import Conditioner
 from vidgen.diffusion.denoiser import Denoiser
 from vidgen.diffusion.flow import RectifiedFlow
+from vidgen.errors import UserError
 from vidgen.io.checkpoint import describe, part_spec
 from vidgen.io.fingerprint import fingerprint_folder, short
 from vidgen.io.pretrained import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, read_config
@@ -92,13 +93,13 @@ class DiTModule(pl.LightningModule):
         text_dim = self.dit.config["text_dim"]
         text = self.conditioner.entries["text"] if "text" in self.conditioner.entries else None
         if text is not None and text.dim != text_dim:
-            raise ValueError(f"model.dit.text_dim={text_dim} but the text encoder outputs dim={text.dim}; "
+            raise UserError(f"model.dit.text_dim={text_dim} but the text encoder outputs dim={text.dim}; "
                              f"set model.dit.text_dim=${{model.text.dim}}")
         path = self.hparams.vae_path
         if path is not None and (Path(path) / CONFIG_NAME).is_file():
             latent_channels = read_config(path, VideoVAE)["config"].get("latent_channels", 16)
             if latent_channels != self.dit.in_channels:
-                raise ValueError(f"model.dit.in_channels={self.dit.in_channels} but the VAE at task.module.vae_path="
+                raise UserError(f"model.dit.in_channels={self.dit.in_channels} but the VAE at task.module.vae_path="
                                  f"{path} has {latent_channels} latent channels; set model.dit.in_channels="
                                  f"{latent_channels}")
 
@@ -109,7 +110,7 @@ class DiTModule(pl.LightningModule):
         if "vae" not in self._frozen:
             path = self.hparams.vae_path
             if path is None:
-                raise ValueError("task.module.vae_path is not set: a batch without 'latent' needs the VAE to encode")
+                raise UserError("task.module.vae_path is not set: a batch without 'latent' needs the VAE to encode")
             if not (Path(path) / CONFIG_NAME).is_file():
                 raise FileNotFoundError(f"task.module.vae_path={path}: no VAE export folder there (expected "
                                         f"config.json + model.safetensors from python -m vidgen.io.checkpoint)")
@@ -216,7 +217,7 @@ class DiTModule(pl.LightningModule):
         if saved and path and Path(path, WEIGHTS_NAME).is_file():
             found = fingerprint_folder(path)
             if found != saved:
-                raise ValueError(f"task.module.vae_path={path}: this VAE (fingerprint {short(found)}) is not the one "
+                raise UserError(f"task.module.vae_path={path}: this VAE (fingerprint {short(found)}) is not the one "
                                  f"the checkpoint was trained with ({ref.get('path')}, fingerprint {short(saved)})")
 
 
