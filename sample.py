@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -49,6 +50,22 @@ def read_media(cfg: DictConfig) -> tuple:
     return image, video
 
 
+def sample_name(index: int, item: dict, settings: dict) -> str:
+    """`NNN_prompt-slug_sSEED_HASH`: the prompt, its seed and a short hash of every other setting."""
+    rest = {k: v for k, v in settings.items() if k not in ("prompt", "seed", "device")}
+    digest = hashlib.sha1(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    return f"{index:03d}_{slug(item['prompt'])}_s{item['seed']}_{digest}"
+
+
+def free_stem(folder: Path, stem: str) -> str:
+    """`stem`, or `stem_2`, `stem_3`, ... so that no earlier sample in `folder` is ever overwritten."""
+    candidate, n = stem, 1
+    while (folder / f"{candidate}.mp4").exists() or (folder / f"{candidate}.json").exists():
+        n += 1
+        candidate = f"{stem}_{n}"
+    return candidate
+
+
 def run(cfg: DictConfig) -> list[Path]:
     """Load the pipeline, generate every prompt in batches, write mp4 / png / json; returns the mp4 paths."""
     prompts = read_prompts(cfg)
@@ -69,14 +86,14 @@ def run(cfg: DictConfig) -> list[Path]:
                    shift=cfg.shift, image=image, video=video, video_frames=cfg.video_frames, progress=True)
         for j, item in enumerate(batch):
             index = b * cfg.batch_size + j
-            name = item.get("name") or f"{index:03d}_{slug(item['prompt'])}"
-            mp4, png = save_sample(out_dir / name, out.video[j], fps=cfg.fps)
             settings = {"prompt": item["prompt"], "seed": item["seed"], **out.settings, "fps": cfg.fps,
                         "ckpt": pipe.info.get("source"), "ema_used": pipe.info.get("ema_used"),
                         "global_step": pipe.info.get("global_step"), "image": cfg.image, "video": cfg.video,
                         "device": str(pipe.device)}
-            (out_dir / f"{name}.json").write_text(json.dumps(settings, indent=2))
-            written.append(mp4)
+            stem = free_stem(out_dir, item.get("name") or sample_name(index, item, settings))
+            save_sample(out_dir / stem, out.video[j], fps=cfg.fps)
+            (out_dir / f"{stem}.json").write_text(json.dumps(settings, indent=2))
+            written.append(out_dir / f"{stem}.mp4")
     print(f"wrote {len(written)} video(s) (mp4 + png contact sheet + json settings) to {out_dir.resolve()}")
     return written
 

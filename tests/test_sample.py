@@ -109,9 +109,12 @@ def test_image_to_video_holds_frame_zero(trained):
     out = pipe(["bikes"], num_frames=9, height=32, width=32, steps=2, image=image)
     assert out.settings["num_clean_latent_frames"] == 1
     assert torch.equal(out.latents[:, :, :1], pipe.encode_frames(image, 32, 32))
-    clip = np.random.default_rng(1).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    clip = np.random.default_rng(1).integers(0, 256, (9, 40, 48, 3), dtype=np.uint8)
     ext = pipe(["bikes"], num_frames=9, height=32, width=32, steps=2, video=clip, video_frames=5)
     assert torch.equal(ext.latents[:, :, :2], pipe.encode_frames(clip[:5], 32, 32))
+    default = pipe(["bikes"], num_frames=9, height=32, width=32, steps=2, video=clip)  # all but 1 latent frame
+    assert default.settings["conditioning"] == {"source_frames": 9, "source_size": [40, 48], "held_frames": 5,
+                                                "resized_to": [32, 38], "centre_crop_to": [32, 32]}
 
 
 def test_wrong_kind_checkpoint_is_one_line_and_exit_1(tmp_path):
@@ -154,5 +157,10 @@ def test_prompts_file_jsonl_with_seeds(trained, tmp_path):
                     "num_frames": 1, "height": 32, "width": 32, "steps": 1, "batch_size": 2,
                     "out_dir": str(tmp_path / "out")})
     written = sample_run(cfg)
-    assert [p.name for p in written] == ["a.mp4", "001_bunny.mp4"]
-    assert json.loads((tmp_path / "out" / "001_bunny.json").read_text())["seed"] == 1  # seed + line index
+    assert written[0].name == "a.mp4" and written[1].name.startswith("001_bunny_s1_")  # prompt, seed, settings hash
+    assert json.loads(written[1].with_suffix(".json").read_text())["seed"] == 1  # seed + line index
+    again = sample_run(cfg)  # the same settings again: new files, nothing overwritten
+    assert [p.name for p in again] == ["a_2.mp4", written[1].stem + "_2.mp4"]
+    cfg.merge_with({"prompts_file": None, "prompt": "bunny", "seed": 2, "batch_size": 1})
+    other_seed = sample_run(cfg)[0]
+    assert other_seed.name.startswith("000_bunny_s2_") and other_seed.name[-10:] == written[1].name[-10:]

@@ -120,8 +120,10 @@ class DiTPipeline:
         if video is None:
             return None, 0
         total = self.vae.latent_frames(num_frames)
-        if video_frames is None:  # default: hold the first half of the latent frames
-            video_frames = self.vae.pixel_frames(max(1, total // 2))
+        if video_frames is None:  # default: hold as much of the clip as the window allows, leave 1 latent frame
+            usable = self.vae.latent_frames(1 + (video.shape[0] - 1) // self.vae.temporal_factor
+                                            * self.vae.temporal_factor)
+            video_frames = self.vae.pixel_frames(max(1, min(usable, total - 1)))
         try:
             k = self.vae.latent_frames(video_frames)
         except ValueError as e:
@@ -131,6 +133,19 @@ class DiTPipeline:
                                 f"at most the {video.shape[0]} frames of the given video")
         # Causal VAE: the latents of the first 1 + 4(k-1) frames are the first k latent frames of the whole clip.
         return self.encode_frames(video[:video_frames], height, width), k
+
+    def fit_note(self, media: np.ndarray | None, num_clean: int, height: int, width: int) -> dict[str, Any]:
+        """What happened to a conditioning image / clip: its size, the frames held, resize + centre crop."""
+        if media is None:
+            return {}
+        media = np.asarray(media)
+        src_h, src_w = media.shape[-3:-1]
+        scale = max(height / src_h, width / src_w)  # cover the target, then crop the overflow (to_bucket)
+        return {"conditioning": {"source_frames": int(media.shape[0]) if media.ndim == 4 else 1,
+                                 "source_size": [int(src_h), int(src_w)],
+                                 "held_frames": self.vae.pixel_frames(num_clean) if num_clean else 0,
+                                 "resized_to": [round(src_h * scale), round(src_w * scale)],
+                                 "centre_crop_to": [height, width]}}
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -165,6 +180,7 @@ class DiTPipeline:
                          sampler=sampler, seed=seed, clean=clean, clean_mask=mask, progress=progress)
         x = self.vae.decode(z.float(), normalized=True)  # [B, 3, T, H, W] in [-1, 1]
         settings = {"num_frames": num_frames, "height": height, "width": width, "latent_shape": list(shape[1:]),
+                    **self.fit_note(image if image is not None else video, num_clean, height, width),
                     "steps": steps, "guidance": guidance, "negative_prompt": negative_prompt, "sampler": sampler,
                     "shift": float(shift), "num_clean_latent_frames": num_clean}
         return SampleOutput(x, z, settings)
