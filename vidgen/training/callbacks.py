@@ -294,3 +294,19 @@ class PreemptionCheckpoint(pl.Callback):
             log.warning("SIGTERM: saving %s at step %d before stopping", path, trainer.global_step)
             trainer.save_checkpoint(path)
             self.saved = True
+
+
+class StepProgressBar(pl.callbacks.RichProgressBar):
+    """Rich progress bar whose label counts optimizer steps of `trainer.max_steps` (runs are paced by steps:
+    Lightning's "Epoch 74/-2" means nothing with max_epochs=-1)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        total = f"/{trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0 else ""
+        return f"step {trainer.global_step}{total} (epoch {current_epoch})"
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id,
+                                 description=self._get_train_description(trainer.current_epoch))

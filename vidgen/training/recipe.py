@@ -161,6 +161,8 @@ def train(cfg: DictConfig) -> pl.Trainer:
     loggers = _instantiate_dict(cfg.get("logger"))
     if not loggers:  # logger=none: callbacks that only feed a logger would refuse to start
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
     plugins = [AtomicCheckpointIO()] if _uses_plain_files(cfg.trainer) else []
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
 
