@@ -39,7 +39,7 @@ from vidgen.data.pipeline import ClipTransform, PipelineState, TarSamples, colla
 from vidgen.data.shards import DataConfigError, resolve_shards  # noqa: E402
 from vidgen.data.stats import WorkerCounts  # noqa: E402
 from vidgen.conditioning import TextCondition  # noqa: E402
-from vidgen.data.latent_shards import SHARD_PATTERN, pack_sample, save_null_text  # noqa: E402
+from vidgen.data.latent_shards import FORMAT_VERSION, SHARD_PATTERN, pack_sample, save_null_text  # noqa: E402
 from vidgen.io.atomic import atomic_path, atomic_write_text  # noqa: E402
 from vidgen.models.text import ByteTextEncoder, HFTextEncoder  # noqa: E402
 from vidgen.models.vae import VideoVAE  # noqa: E402
@@ -169,7 +169,7 @@ def write_manifest(out: Path, num_inputs: int, info: dict) -> dict | None:
     dropped = Counter()
     for m in markers.values():
         dropped.update(m["dropped"])
-    manifest = {"format": 1, "num_samples": sum(s["num_samples"] for s in shards), "shards": shards,
+    manifest = {"format": FORMAT_VERSION, "num_samples": sum(s["num_samples"] for s in shards), "shards": shards,
                 "dropped": {r: int(dropped.get(r, 0)) for r in DROP_REASONS + ("tar_error",)}, **info}
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest

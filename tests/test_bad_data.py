@@ -138,6 +138,16 @@ def test_empty_shards_stop_too(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_drop_last_with_too_few_samples_names_the_setting(tmp_path, good_mp4):
+    folder = _write(tmp_path / "one", [[_sample("only", good_mp4, META)]])
+    dm = ClipDataModule(folder, buckets=BUCKETS, batch_size=2, target_fps=15, drop_last=True, rank=0, world_size=1)
+    with pytest.raises(DataStarvedError, match=r"no batch formed in a whole train pass over 1 shard\(s\): 1 "
+                                               r"sample\(s\) survived but none made a full batch; set "
+                                               r"data\.drop_last=false or lower data\.batch_size$"):
+        _drain(dm)
+
+
+@pytest.mark.timeout(60)
 def test_resampled_gives_up_after_max_empty_draws(tmp_path):
     """Many shards, all bad: the stream stops after data.max_empty_draws draws and names that setting (null: once
     every shard has been drawn)."""

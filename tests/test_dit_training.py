@@ -113,6 +113,9 @@ def test_validation_loss_is_deterministic(tiny_vae_dir, demo_batch):
 def test_latent_batch_equals_video_batch(tiny_vae_dir, demo_batch):
     """Latent-shard batches (latent + text embeddings) give the same loss as encoding on the fly."""
     module = make_module(tiny_vae_dir).eval()
+    encoder = module.conditioner.entries["text"].encoder
+    encoder.trainable = False  # precomputed embeddings come from a frozen encoder (the one that made them)
+    module.conditioner.entries["text"] = TextCondition(encoder, dropout=0.1)
     with torch.no_grad():
         module.dit.proj_out.weight.normal_(0, 0.2)  # a non-zero output: the loss depends on latents and text
         z = module.vae.encode(demo_batch["video"], normalize=True).mode()
@@ -126,6 +129,9 @@ def test_latent_batch_equals_video_batch(tiny_vae_dir, demo_batch):
         torch.testing.assert_close(from_latent[k], ref[k], rtol=0, atol=0)
         torch.testing.assert_close(from_emb[k], ref[k], rtol=1e-6, atol=1e-7)
     assert not torch.equal(other_text["val/loss"], ref["val/loss"])  # the text does reach the loss
+    trainable = make_module(tiny_vae_dir)  # a fresh trainable encoder must not train on another's embeddings
+    with pytest.raises(ValueError, match="text encoder is trainable"):
+        trainable.validation_step({"latent": z, "text_emb": text["context"], "text_mask": text["context_mask"]}, 0)
 
 
 def test_clean_frame_mask_conditions_a_prefix(tiny_vae_dir):
@@ -204,3 +210,23 @@ def test_cfg_dropout_on_precomputed_text_uses_the_shards_null():
     assert torch.equal(kept["context"], emb)
     with pytest.raises(ValueError, match="null embedding"):
         Conditioner(text=entry)({"text_emb": emb}, drop=True)
+
+
+def test_frozen_encoder_weights_travel_with_the_checkpoint(tiny_vae_dir):
+    """A frozen encoder that cannot reload itself (a byte encoder from an export) is stored for sampling, and
+    resuming (strict state-dict load) is unaffected."""
+    from vidgen.io.checkpoint import parts_from_checkpoint
+
+    module = make_module(tiny_vae_dir)
+    encoder = module.conditioner.entries["text"].encoder
+    encoder.trainable = False
+    module.conditioner.entries["text"] = TextCondition(encoder, dropout=0.1)
+    ckpt = {"state_dict": dict(module.state_dict()), "global_step": 0}
+    module.on_save_checkpoint(ckpt)
+    assert any(k.startswith("conditioner.entries.text.encoder.") for k in ckpt["state_dict"])
+    rebuilt = parts_from_checkpoint(ckpt, "in-memory").conditioner()
+    with torch.no_grad():
+        a, b = module.conditioner({"caption": ["bikes"]}), rebuilt({"caption": ["bikes"]})
+    assert torch.equal(a["context"], b["context"])
+    module.on_load_checkpoint(ckpt)
+    module.load_state_dict(ckpt["state_dict"], strict=True)

@@ -128,6 +128,10 @@ def test_latents_equal_direct_vae_encode(encoded, clips, models):
 
 def _latent_dm(shards: Path, expected_vae: Path | None, **kw) -> LatentDataModule:
     kw = {"batch_size": 2, "shuffle_buffer": 0, "num_workers": 0, "rank": 0, "world_size": 1, **kw}
+    manifest = json.loads((Path(shards) / "manifest.json").read_text()) if (Path(shards) / "manifest.json").is_file() \
+        else {}
+    if (manifest.get("text_encoder") or {}).get("path") and kw.get("use_text_emb", True):
+        kw.setdefault("expected_text_encoder", manifest["text_encoder"]["path"])  # the encoder that made them
     return LatentDataModule(shards=str(shards), expected_vae=str(expected_vae) if expected_vae else None, **kw)
 
 
@@ -139,7 +143,9 @@ def _dit_module(models: dict):
     dit = DiT(in_channels=4, dim=32, depth=2, num_heads=2, ffn_dim=64, text_dim=TEXT["dim"], freq_dim=32)
     with torch.no_grad():
         dit.proj_out.weight.normal_(0, 0.2)  # non-zero output, so the loss depends on the input
-    text = TextCondition(load_pretrained(models["text"], ByteTextEncoder), dropout=0.0)
+    encoder = load_pretrained(models["text"], ByteTextEncoder)
+    encoder.trainable = False  # the encoder that made the shards' embeddings, frozen
+    text = TextCondition(encoder, dropout=0.0)
     return DiTModule(dit, Conditioner(text=text), vae_path=str(models["vae"]),
                      optimizer=partial(torch.optim.AdamW, lr=1e-3))
 
@@ -334,7 +340,10 @@ def test_readme_latent_command_trains(encoded, models, tmp_path):
             "trainer.enable_progress_bar=false", "data.num_workers=1", "model.dit.dim=32", "model.dit.depth=2",
             "model.dit.num_heads=2", "model.dit.ffn_dim=64", "model.dit.freq_dim=32", f"model.text.dim={TEXT['dim']}",
             "model.text.depth=1", "model.text.num_heads=2"]
-    out = train(readme + tiny, tmp_path, timeout=240)
+    refused = train(readme + tiny, tmp_path, timeout=240, check=False)  # byte-encoder embeddings, fresh encoder
+    errors = [ln for ln in refused.stderr.splitlines() if ln.startswith("error: ")]
+    assert refused.returncode == 2 and len(errors) == 1 and "data.use_text_emb=false" in errors[0], refused.stderr
+    out = train(readme + tiny + ["data.use_text_emb=false"], tmp_path, timeout=240)
     assert "max_steps=2` reached" in out.stdout + out.stderr
     assert "is not used with latent shards" in out.stdout + out.stderr
     assert (tmp_path / "runs" / "dit_pretrain" / "checkpoints" / "last.ckpt").is_file()

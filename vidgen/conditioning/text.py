@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vidgen.diffusion.flow import pad_tokens
+from vidgen.errors import UserError
 
 
 def drop_captions(captions: Sequence[str], p: float, generator: torch.Generator | None = None) -> list[str]:
@@ -87,6 +88,11 @@ class TextCondition(nn.Module):
             enc.to(device)
         return enc
 
+    def built_encoder(self) -> nn.Module | None:
+        """The encoder if it is built (a trainable one always is; a frozen factory only after first use)."""
+        enc = self.encoder if self.encoder is not None else self._frozen["encoder"]
+        return enc if isinstance(enc, nn.Module) else None
+
     def _device(self) -> torch.device:
         return self._probe.device  # follows .to(device) of the parent module; a frozen encoder goes there too
 
@@ -122,6 +128,10 @@ class TextCondition(nn.Module):
         if "text_emb" not in batch:
             captions = list(batch["caption"])
             return self.encode(drop_captions(captions, p, generator) if p > 0 else captions)
+        if self.trainable:
+            raise UserError("the batch holds precomputed text embeddings, but the text encoder is trainable "
+                            "(model/text=byte): it would never see a caption, and samples would use it; train with "
+                            "the encoder that made them (frozen) or set data.use_text_emb=false")
         context, mask = batch["text_emb"], batch.get("text_mask")
         if p > 0:
             if batch.get("text_null_emb") is None:

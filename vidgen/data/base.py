@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 import lightning.pytorch as pl
 
+from vidgen.data.callbacks import DataStatsCallback
 from vidgen.data.buckets import Bucket, batch_sizes_per_bucket
 from vidgen.data.pipeline import ClipDataset, ClipLoader
 from vidgen.data.position import DataPositionMixin
@@ -92,8 +93,6 @@ class ShardDataModule(DataPositionMixin, pl.LightningDataModule):
         else:
             self.train_set, self.val_set = split_validation(train, hp.val_split, "data.val_split")
         if self.trainer is not None and hp.log_stats:
-            from vidgen.data.callbacks import DataStatsCallback
-
             if not any(isinstance(c, DataStatsCallback) for c in self.trainer.callbacks):
                 self.trainer.callbacks.append(DataStatsCallback())
 

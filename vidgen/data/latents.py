@@ -24,6 +24,7 @@ from vidgen.data.buckets import parse_buckets
 from vidgen.data.latent_shards import check_fingerprints, load_null_text, read_latent_manifest, unpack_sample
 from vidgen.data.pipeline import (Batcher, ClipDataset, PipelineState, SampleDrop, SampleTransform, source_stages,
                                   worker_counts)
+from vidgen.io.fingerprint import short
 from vidgen.data.shards import DataConfigError, ShardSet
 from vidgen.data.starvation import StarveContext, describe_shards, latent_fixes
 from vidgen.data.stats import WorkerCounts
@@ -207,8 +208,12 @@ class LatentDataModule(ShardDataModule):
                                   "(task.module.vae_path), or data.check_fingerprint=false to skip the check")
         text_in_shards = any(m.get("text_encoder") for m in self.manifests.values())
         if hp.use_text_emb and text_in_shards and hp.expected_text_encoder is None:
-            log.warning("data.shards hold precomputed text embeddings but data.expected_text_encoder is not set: "
-                        "their text encoder is not checked")
+            made = next(m["text_encoder"] for m in self.manifests.values() if m.get("text_encoder"))
+            raise DataConfigError(
+                f"{self.train_setting}: the shards hold text embeddings of the text encoder at {made.get('path')} "
+                f"({short(made.get('fingerprint'))}), but this run's text encoder is not that one (no "
+                f"data.expected_text_encoder): train with it (model/text=hf model.text.path={made.get('path')}) or "
+                f"set data.use_text_emb=false to encode the captions with the run's own encoder")
         check_fingerprints(self.manifests, hp.expected_vae,
                            hp.expected_text_encoder if hp.use_text_emb else None, self.train_setting)
 

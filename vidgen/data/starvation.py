@@ -67,7 +67,7 @@ def one_line(text: object, limit: int = _EXAMPLE_CHARS) -> str:
 
 def starved_message(ctx: StarveContext, counts: Mapping[str, int], examples: Mapping[str, str], *, kept: int,
                     scope: str, all_tried: bool = True) -> str:
-    """The one line: `SETTING=FOLDER: no sample survived SCOPE: DROPS; FIX`.
+    """The one line: `SETTING=FOLDER: no sample survived SCOPE: DROPS; FIX` (`no batch formed in` with `kept`).
 
     counts: drops by reason (`tar_error` counts unreadable shards); examples: one "key: error" per reason;
     kept: samples that survived but made no batch (drop_last); all_tried: False when a resampled stream gave up
@@ -82,7 +82,7 @@ def starved_message(ctx: StarveContext, counts: Mapping[str, int], examples: Map
         parts.append(f"unreadable shards {counts['tar_error']}"
                      + (f" (e.g. {examples['tar_error']})" if "tar_error" in examples else ""))
     if kept:
-        what, top = f"{kept} sample(s) kept but no full batch formed", "drop_last"
+        what, top = f"{kept} sample(s) survived but none made a full batch", "drop_last"
     elif parts:
         what, top = ", ".join(parts), max(drops, key=drops.get) if drops else "tar_error"
     else:
@@ -90,4 +90,4 @@ def starved_message(ctx: StarveContext, counts: Mapping[str, int], examples: Map
     fix = ctx.fixes.get(top, f"check {ctx.setting} with data_prep/inspect_data.py")
     if not all_tried:
         fix += f" (or raise {ctx.more_draws} if most shards are expected to yield nothing)"
-    return f"{ctx.setting}={ctx.where}: no sample survived {scope}: {what}; {fix}"
+    return f"{ctx.setting}={ctx.where}: no {'batch formed in' if kept else 'sample survived'} {scope}: {what}; {fix}"

@@ -38,7 +38,7 @@ def worker_id() -> int:
 
 class WorkerCounts:
     """Per-pass counts inside one worker (drops by reason with a first example, samples kept, shards read);
-    also the webdataset exception handler and, with `starve_after`, the resampled-stream starvation guard.
+    also the webdataset exception handler and, with `watch`, the resampled-stream starvation guard.
 
     watch: guard this (endless) stream: give up when `num_shards` distinct shards, or `starve_after` shard draws
     (None: no limit), have been read and processed and no sample was kept this pass;

@@ -211,7 +211,8 @@ def parts_from_checkpoint(ckpt: dict[str, Any], source: str, ema: bool = True) -
     ema_used = overlay_ema(state, ckpt) if ema else False
     parts = {}
     for name, spec in meta["parts"].items():
-        sub = _sub_state(state, spec["prefix"]) if spec.get("trainable", True) or spec.get("saved") else None
+        saved = spec.get("saved", spec.get("trainable", True))  # a frozen encoder's weights may travel too
+        sub = _sub_state(state, spec["prefix"]) if saved else None
         parts[name] = Part(spec["class"], spec["config"], sub, bool(spec.get("trainable", True)),
                            dict(spec.get("extra") or {}))
     info = {"source": source, "ema_used": ema_used, "global_step": ckpt.get("global_step")}

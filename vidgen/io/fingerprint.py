@@ -23,8 +23,8 @@ from typing import Any, Iterable
 import torch
 from safetensors import safe_open
 
-CONFIG_NAME = "config.json"  # as vidgen.models.pretrained (not imported: keeps this module free of model code)
-WEIGHTS_NAME = "model.safetensors"
+from vidgen.io.pretrained import CONFIG_NAME, WEIGHTS_NAME, json_default
+
 _CHUNK = 1 << 22
 
 
@@ -35,15 +35,9 @@ def short(fingerprint: str | None, n: int = 12) -> str:
 
 def _canonical(obj: Any) -> bytes:
     """JSON with sorted keys, tuples as lists, tensors/arrays as lists: equal configs give equal bytes."""
-    def default(o: Any) -> Any:
-        if isinstance(o, (tuple, set)):
-            return list(o)
-        if hasattr(o, "tolist"):
-            return o.tolist()
-        raise TypeError(f"not JSON serialisable in a fingerprint: {type(o)}")
-
     # A round trip normalises tuples and OmegaConf-free containers before sorting keys.
-    return json.dumps(json.loads(json.dumps(obj, default=default)), sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps(json.loads(json.dumps(obj, default=json_default)), sort_keys=True,
+                      separators=(",", ":")).encode()
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:

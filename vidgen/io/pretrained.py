@@ -99,7 +99,7 @@ def write_config(folder: str | os.PathLike, model: nn.Module, extra: dict[str, A
     exported = model.export_extra() if hasattr(model, "export_extra") else {}
     meta = {"class": class_path(model), "config": model.config, **exported, **(extra or {})}
     path = Path(folder) / CONFIG_NAME
-    atomic_write_text(path, json.dumps(meta, indent=2, default=_json_default))
+    atomic_write_text(path, json.dumps(meta, indent=2, default=json_default))
     return path
 
 
@@ -141,7 +141,8 @@ def load_pretrained(folder: str | os.PathLike, expected: type | None = None,
     return model
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """`json.dumps(default=...)` for configs: tuples / sets as lists, tensors and arrays via `tolist()`."""
     if isinstance(o, (tuple, set)):
         return list(o)
     if hasattr(o, "tolist"):

@@ -62,13 +62,18 @@ def dit_step_fn(module, bucket, latent_channels: int, text_len: int, device: tor
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-6)
     text_dim = module.dit.config["text_dim"]
 
+    trainable_text = module.conditioner.entries["text"].trainable
+
     def step(batch: int) -> None:
         latent = torch.randn(batch, *shape, device=device)
-        text = torch.randn(batch, text_len, text_dim, device=device)
-        mask = torch.ones(batch, text_len, dtype=torch.bool, device=device)
+        if trainable_text:  # the encoder trains too: captions of the longest length it takes
+            text_batch = {"caption": ["x" * (text_len - 2)] * batch}
+        else:  # a frozen encoder: precomputed embeddings, as latent shards give them
+            text = torch.randn(batch, text_len, text_dim, device=device)
+            mask = torch.ones(batch, text_len, dtype=torch.bool, device=device)
+            text_batch = {"text_emb": text, "text_mask": mask, "text_null_emb": text[0], "text_null_mask": mask[0]}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = module.training_step({"latent": latent, "text_emb": text, "text_mask": mask,
-                                         "text_null_emb": text[0], "text_null_mask": mask[0]}, 0)
+            loss = module.training_step({"latent": latent, **text_batch}, 0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

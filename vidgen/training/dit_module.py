@@ -204,13 +204,31 @@ class DiTModule(pl.LightningModule):
         for name, entry in self.conditioner.entries.items():
             spec = entry.encoder_module() if entry.trainable else entry.encoder_spec()
             parts[f"cond.{name}"] = part_spec(f"conditioner.entries.{name}.encoder.", spec, entry.trainable)
+            parts[f"cond.{name}"]["saved"] = entry.trainable or bool(self._frozen_weights(name))
         meta = {"flow": _plain(self.hparams.flow), "vae": self.vae_reference(), "conditioner": self.conditioner.spec()}
         return describe("dit", parts, meta)
 
+    def _frozen_weights(self, name: str) -> dict[str, torch.Tensor]:
+        """State of a frozen entry encoder that a checkpoint must carry (one that cannot reload itself from a
+        folder, e.g. a byte encoder loaded from an export); {} for trainable ones and Hugging Face folders."""
+        entry = self.conditioner.entries[name]
+        if entry.trainable or entry.built_encoder() is None or getattr(entry.built_encoder(), "loads_own_weights",
+                                                                        False):
+            return {}
+        return entry.built_encoder().state_dict()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint.setdefault("vidgen", {}).update(self.checkpoint_description())
+        for name in self.conditioner.entries:
+            prefix = f"conditioner.entries.{name}.encoder."
+            checkpoint["state_dict"].update({prefix + k: v for k, v in self._frozen_weights(name).items()})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for name, entry in self.conditioner.entries.items():  # frozen encoders' weights: for exports, not resume
+            if not entry.trainable:
+                prefix = f"conditioner.entries.{name}.encoder."
+                for key in [k for k in checkpoint.get("state_dict", {}) if k.startswith(prefix)]:
+                    del checkpoint["state_dict"][key]
         # Resuming against a different VAE would train the DiT on a shifted latent space: refuse.
         ref = ((checkpoint.get("vidgen") or {}).get("meta") or {}).get("vae") or {}
         saved, path = ref.get("fingerprint"), self.hparams.vae_path

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidgen.eval.metrics import load_lpips
+
 log = logging.getLogger(__name__)
 
 
@@ -77,8 +79,6 @@ class ReconstructionLoss(nn.Module):
         self.l1_weight, self.lpips_weight = l1_weight, lpips_weight
         self._lpips: list[nn.Module] = []  # list: not registered as a submodule
         if lpips_weights and lpips_weight > 0:
-            from vidgen.eval.metrics import load_lpips
-
             self._lpips.append(load_lpips(lpips_weights))
         elif lpips_weight > 0:
             log.warning("LPIPS disabled: no weights given")

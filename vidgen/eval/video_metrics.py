@@ -1,0 +1,50 @@
+"""Weight-free video metrics on uint8 frames `[T, H, W, 3]` (the frames as saved), in 8-bit levels [0, 255].
+
+- flicker(v)   = mean over t in [0, T-2] and all pixels/channels of |v[t+1] - v[t]|
+- motion(v, k) = mean over t in [0, T-1-k] and all pixels/channels of |v[t+k] - v[t]|, k = min(stride, T-1)
+- diversity(V) = mean over pairs i < j of the seeds' videos of one prompt of mean |V_i - V_j|
+
+flicker counts real motion too (it is the adjacent-frame difference); read it next to motion: smooth motion
+grows with the frame gap (motion > flicker), while frame-to-frame noise does not (motion ~ flicker). A static
+video scores 0 on both. All three are NaN where undefined (one frame; fewer than two seeds).
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def _levels(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (or any numeric) frames [T, H, W, 3] -> float64 tensor of the same values."""
+    return torch.as_tensor(np.asarray(frames)).double()
+
+
+def frame_difference(frames: np.ndarray | torch.Tensor, gap: int) -> float:
+    """Mean |v[t+gap] - v[t]| over every t with t + gap < T and all pixels and channels; NaN when T <= gap."""
+    x = _levels(frames)
+    if gap < 1 or x.shape[0] <= gap:
+        return float("nan")
+    return float((x[gap:] - x[:-gap]).abs().mean())
+
+
+def flicker(frames: np.ndarray | torch.Tensor) -> float:
+    """Mean absolute adjacent-frame difference in 8-bit levels; frames [T, H, W, 3]."""
+    return frame_difference(frames, 1)
+
+
+def motion(frames: np.ndarray | torch.Tensor, stride: int = 4) -> float:
+    """Mean absolute difference of frames `min(stride, T-1)` apart in 8-bit levels; frames [T, H, W, 3]."""
+    return frame_difference(frames, min(stride, len(frames) - 1))
+
+
+def diversity(videos: Sequence[np.ndarray | torch.Tensor]) -> float:
+    """Mean pairwise mean |V_i - V_j| (8-bit levels) between same-shaped videos [T, H, W, 3]; NaN for < 2."""
+    xs = [_levels(v) for v in videos]
+    pairs = list(combinations(range(len(xs)), 2))
+    if not pairs:
+        return float("nan")
+    return float(np.mean([(xs[i] - xs[j]).abs().mean().item() for i, j in pairs]))
