@@ -50,6 +50,15 @@ def read_media(cfg: DictConfig) -> tuple:
     return image, video
 
 
+# What sample.py uses when neither the command line nor the checkpoint (e.g. an imported Wan) sets a value.
+SAMPLING_FALLBACKS = {"steps": 50, "guidance": 5.0, "negative_prompt": "", "sampler": "euler", "shift": None}
+
+
+def sampling_settings(cfg: DictConfig, defaults: dict) -> dict:
+    """steps / guidance / negative_prompt / sampler / shift: the command line, else the checkpoint's, else ours."""
+    return {k: cfg[k] if cfg[k] is not None else defaults.get(k, fallback) for k, fallback in SAMPLING_FALLBACKS.items()}
+
+
 def sample_name(index: int, item: dict, settings: dict) -> str:
     """`NNN_prompt-slug_sSEED_HASH`: the prompt, its seed and a short hash of every other setting."""
     rest = {k: v for k, v in settings.items() if k not in ("prompt", "seed", "device")}
@@ -76,14 +85,14 @@ def run(cfg: DictConfig) -> list[Path]:
     if None in (num_frames, height, width):
         raise SamplingError("num_frames, height and width: not recorded with the checkpoint; set them")
     pipe.latent_size(num_frames, height, width)  # bad sizes stop here, before any model runs
+    sampling = sampling_settings(cfg, pipe.defaults)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     batches = [prompts[i:i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
     for b, batch in enumerate(tqdm(batches, desc="prompts", disable=len(batches) == 1)):
-        out = pipe([p["prompt"] for p in batch], num_frames, height, width, steps=cfg.steps, guidance=cfg.guidance,
-                   negative_prompt=cfg.negative_prompt, seed=[p["seed"] for p in batch], sampler=cfg.sampler,
-                   shift=cfg.shift, image=image, video=video, video_frames=cfg.video_frames, progress=True)
+        out = pipe([p["prompt"] for p in batch], num_frames, height, width, seed=[p["seed"] for p in batch],
+                   image=image, video=video, video_frames=cfg.video_frames, progress=True, **sampling)
         for j, item in enumerate(batch):
             index = b * cfg.batch_size + j
             settings = {"prompt": item["prompt"], "seed": item["seed"], **out.settings, "fps": cfg.fps,
