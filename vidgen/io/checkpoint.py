@@ -37,8 +37,8 @@ from vidgen.conditioning import Conditioner
 from vidgen.io.atomic import atomic_dir, atomic_write_text
 from vidgen.io.fingerprint import fingerprint_folder, short
 from vidgen.io.pretrained import (CONFIG_NAME, WEIGHTS_NAME, WeightsError, build_model, class_path, import_class,
-                                  load_state, read_config,
-                                  read_safetensors, save_pretrained, write_config)
+                                  json_default, load_state, read_config,
+                                  read_safetensors, save_pretrained)
 from vidgen.io.sharded import read_deepspeed_folder, read_fsdp_folder
 
 FORMAT = 2
@@ -315,12 +315,14 @@ def write_export(parts: ModelParts, out: str | os.PathLike, copy_vae: bool = Tru
 def _write_parts(parts: ModelParts, tmp: Path, copy_vae: bool) -> None:
     specs = {}
     for name, part in parts.parts.items():
-        model = part.build(f"{parts.info.get('source')} [{name}]")  # validates the weights before writing
         if part.state is not None:
+            model = part.build(f"{parts.info.get('source')} [{name}]")  # validates the weights before writing
             save_pretrained(model, tmp / name, extra=part.extra)
-        else:  # a frozen encoder whose weights live in its own folder: record class + config only
+        else:  # a frozen encoder whose weights live in its own folder (never loaded here): class + config only
+            import_class(part.cls, f"{parts.info.get('source')} [{name}]")
             (tmp / name).mkdir(parents=True)
-            write_config(tmp / name, model, part.extra)
+            meta = {"class": part.cls, "config": part.config, **part.extra}
+            atomic_write_text(tmp / name / CONFIG_NAME, json.dumps(meta, indent=2, default=json_default))
         specs[name] = {"folder": name, "trainable": part.trainable}
     adapters = {}
     for name, state in parts.adapters.items():
