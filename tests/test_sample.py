@@ -65,7 +65,9 @@ def test_checkpoint_describes_itself(trained, tiny_vae_dir):
     metrics = (trained / "csv" / "metrics.csv").read_text()
     assert "val/loss_t0.5" in metrics and "train/loss" in metrics
     # the sample-logging callback ran at the end of training
-    assert sorted(p.suffix for p in (trained / "samples" / "step_0000003").iterdir()) == [".mp4", ".png"]
+    assert sorted(p.name for p in (trained / "samples" / "step_0000003").iterdir()) == [
+        "00_bikes_s0.mp4", "00_bikes_s0.png", "00_bikes_s1.mp4", "00_bikes_s1.png"]  # 2 seeds per prompt
+    assert "eval/diversity" in metrics and "eval/flicker" in metrics
 
 
 def test_sample_py_writes_video_sheet_and_settings(trained, tmp_path):
