@@ -26,6 +26,7 @@ from vidgen.diffusion.flow import RectifiedFlow, num_latent_tokens
 from vidgen.diffusion.guidance import ClassifierFreeGuidance
 from vidgen.diffusion.sampling import SAMPLERS, generate
 from vidgen.io.checkpoint import check_vae_reference, read_parts
+from vidgen.io.lora import ADAPTER, merged
 from vidgen.io.pretrained import load_pretrained
 from vidgen.models.vae import VideoVAE
 
@@ -58,6 +59,8 @@ class DiTPipeline:
                         vae: str | os.PathLike | None = None) -> DiTPipeline:
         """Load a DiT checkpoint (file, FSDP, DeepSpeed) or export folder; `vae` overrides the recorded VAE folder."""
         parts = read_parts(path, ema=ema, kind="dit")
+        if ADAPTER in parts.adapters:  # a LoRA run or export: sample the base with the adapters folded in
+            parts = merged(parts)
         vae_folder = check_vae_reference(parts.meta.get("vae") or {}, vae)
         pipe = cls(parts.build("dit"), parts.conditioner(), load_pretrained(vae_folder, VideoVAE),
                    RectifiedFlow(**parts.meta.get("flow", {})), parts.info, parts.meta.get("defaults"))

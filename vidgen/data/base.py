@@ -11,17 +11,23 @@ and an epoch is `num_samples // (batch_size * world_size)` batches per rank (`sa
 
 A pass that yields no batch stops with one DataStarvedError line (see vidgen.data.starvation): after a whole
 non-resampled pass, or after `max_empty_draws` resampled shard draws (or every shard drawn) with no sample kept.
+
+Fine-tuning: `trigger` puts a word in front of every caption (train and validation); `sources` (instead of the
+train shards) mixes several weighted shard sets, each with its own trigger (vidgen.data.mixing); a mixed training
+stream is endless like a resampled one, and validation then reads `val_shards` only.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from functools import partial
 
 import lightning.pytorch as pl
 
 from vidgen.data.callbacks import DataStatsCallback
 from vidgen.data.buckets import Bucket, batch_sizes_per_bucket
+from vidgen.data.mixing import Source, check_trigger, mixed_stages, parse_sources, union
 from vidgen.data.pipeline import ClipDataset, ClipLoader
 from vidgen.data.position import DataPositionMixin
 from vidgen.data.shards import DataConfigError, ShardSet, resampled_epoch_batches, resolve_shards, split_validation
@@ -48,7 +54,7 @@ class ShardDataModule(DataPositionMixin, pl.LightningDataModule):
     setup) and implement `build_dataset`; they may extend `setup`. Expected hyperparameters (their __init__
     passes its arguments as `hparams`): the train shards, val_shards, val_split, batch_size, val_batch_size,
     num_workers, shuffle_buffer, resampled, samples_per_epoch, seed, drop_last, pin_memory, prefetch_factor,
-    max_empty_draws, rank, world_size, log_stats.
+    max_empty_draws, rank, world_size, log_stats, trigger, sources.
     Drop counts: `data_stats()`, logged as data/skipped_corrupt, data/tar_errors, data/dropped_<reason>.
     """
 
@@ -63,7 +69,9 @@ class ShardDataModule(DataPositionMixin, pl.LightningDataModule):
         self.val_batch_size = self.batch_size if hp.val_batch_size is None else _batch_size(hp.val_batch_size)
         if hp.max_empty_draws is not None and int(hp.max_empty_draws) < 1:
             raise DataConfigError(f"data.max_empty_draws={hp.max_empty_draws}: expected an integer >= 1 or null")
+        self.trigger = check_trigger(hp.get("trigger"), "data.trigger")
         self.buckets: tuple[Bucket, ...] = ()
+        self.mixture: tuple[Source, ...] | None = None  # data.sources, resolved at setup
         self.train_set: ShardSet | None = None
         self.val_set: ShardSet | None = None
         self._train_loader: ClipLoader | None = None
@@ -79,6 +87,14 @@ class ShardDataModule(DataPositionMixin, pl.LightningDataModule):
         """The per-pass pipeline over `shards` (one-shape batches; `context` names the shards in errors)."""
         raise NotImplementedError
 
+    def head(self, train: bool, rank: int, world_size: int):
+        """The first stages of a training pipeline over `data.sources` (None: the plain shard list)."""
+        if not train or self.mixture is None:
+            return None
+        hp = self.hparams
+        return partial(mixed_stages, self.mixture, seed=hp.seed, shuffle_buffer=hp.shuffle_buffer, rank=rank,
+                       world_size=world_size, max_empty_draws=hp.max_empty_draws)
+
     def drop_fixes(self, setting: str) -> dict[str, str]:
         """What to change per drop reason when no sample survives (see vidgen.data.starvation)."""
         return clip_fixes(setting)
@@ -87,9 +103,21 @@ class ShardDataModule(DataPositionMixin, pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Resolve the shard lists (a missing folder stops here with one line naming the setting)."""
         hp = self.hparams
-        train = resolve_shards(hp[self.train_key], self.train_setting)
+        if hp.get("sources"):
+            if hp[self.train_key] is not None:
+                raise DataConfigError(f"data.sources and {self.train_setting} are both set: list every shard set "
+                                      f"in data.sources and set {self.train_setting}=null")
+            self.mixture = parse_sources(hp.sources)
+            train = union(self.mixture)
+        else:
+            train = resolve_shards(hp[self.train_key], self.train_setting)
         if hp.val_shards is not None:
             self.train_set, self.val_set = train, resolve_shards(hp.val_shards, "data.val_shards")
+        elif self.mixture is not None:
+            if hp.val_split:
+                log.warning("data.val_split=%s is not used with data.sources (no validation); set data.val_shards "
+                            "to validate", hp.val_split)
+            self.train_set, self.val_set = train, None
         else:
             self.train_set, self.val_set = split_validation(train, hp.val_split, "data.val_split")
         if self.trainer is not None and hp.log_stats:
@@ -125,7 +153,7 @@ class ShardDataModule(DataPositionMixin, pl.LightningDataModule):
     def _loader(self, shards: ShardSet, train: bool, setting: str) -> ClipLoader:
         hp = self.hparams
         rank, world = self._rank_world()
-        resampled = bool(hp.resampled) and train
+        resampled = (bool(hp.resampled) or self.mixture is not None) and train  # a mixture is endless
         if train and not resampled and world > 1 and not self._warned_uneven:
             self._warned_uneven = True
             log.warning("data.resampled=false with world_size=%d: ranks read disjoint shards and may end their epochs "

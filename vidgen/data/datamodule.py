@@ -24,7 +24,9 @@ class ClipDataModule(ShardDataModule):
     `target_fps` (nearest source frames) or `frame_stride` choose the frames; `decoder`: decord | pyav.
     `max_upscale`: largest enlargement allowed to cover a bucket (null: any); `require_caption` drops uncaptioned.
     `resampled` / `samples_per_epoch` / `max_empty_draws`: see vidgen.data.base. `drop_last`: drop each worker's
-    partial batches. `rank` / `world_size`: override the detected ones (tests, or loaders built outside a Trainer).
+    partial batches. `trigger`: a word put in front of every caption (a style set); `sources`: instead of
+    `train_shards`, weighted shard sets `[{shards, weight, trigger}]` mixed per sample (vidgen.data.mixing).
+    `rank` / `world_size`: override the detected ones (tests, or loaders built outside a Trainer).
     """
 
     def __init__(self, train_shards: str | Sequence[str] | None, val_shards: str | Sequence[str] | None = None,
@@ -35,7 +37,7 @@ class ClipDataModule(ShardDataModule):
                  seed: int = 0, decoder: str = "decord", decoder_threads: int = 1, require_caption: bool = False,
                  drop_last: bool = False, pin_memory: bool = False, prefetch_factor: int = 2,
                  max_empty_draws: int | None = 50, rank: int | None = None, world_size: int | None = None,
-                 log_stats: bool = True):
+                 log_stats: bool = True, trigger: str | None = None, sources: Sequence[Mapping] | None = None):
         super().__init__(locals())
         self.buckets = parse_buckets(self.hparams.buckets)
         # Validate what can be checked without touching the disk, so a bad config fails at instantiation.
@@ -55,4 +57,5 @@ class ClipDataModule(ShardDataModule):
             max_upscale=hp.max_upscale, shuffle_buffer=hp.shuffle_buffer if train else 0, resampled=resampled,
             decoder=self.decoder, decoder_threads=hp.decoder_threads, require_caption=hp.require_caption,
             drop_last=hp.drop_last if train else False, rank=rank, world_size=world_size,
-            max_empty_draws=hp.max_empty_draws, context=context)
+            max_empty_draws=hp.max_empty_draws, context=context, trigger=self.trigger,
+            head=self.head(train, rank, world_size))

@@ -22,8 +22,8 @@ from vidgen.data.base import ShardDataModule
 from vidgen.data.batches import LatentBatch
 from vidgen.data.buckets import parse_buckets
 from vidgen.data.latent_shards import check_fingerprints, load_null_text, read_latent_manifest, unpack_sample
-from vidgen.data.pipeline import (Batcher, ClipDataset, PipelineState, SampleDrop, SampleTransform, source_stages,
-                                  worker_counts)
+from vidgen.data.pipeline import (TRIGGER_KEY, Batcher, ClipDataset, Head, PipelineState, SampleDrop,
+                                  SampleTransform, source_stages, with_trigger, worker_counts)
 from vidgen.io.fingerprint import short
 from vidgen.data.shards import DataConfigError, ShardSet
 from vidgen.data.starvation import StarveContext, describe_shards, latent_fixes
@@ -58,7 +58,8 @@ class LatentDecode(SampleTransform):
         if self.sample_posterior:  # q(z|x) sample, as the VAE-in-the-loop pipeline would draw it
             eps = torch.randn(mean.shape, generator=key_generator(self.seed, self.state.epoch, key))
             z = mean + torch.exp(0.5 * tensors["logvar"].float()) * eps
-        out = {"latent": z, "caption": str(meta.get("caption") or ""), "key": key,
+        caption = with_trigger(str(meta.get("caption") or ""), raw.get(TRIGGER_KEY))  # a style set's trigger word
+        out = {"latent": z, "caption": caption, "key": key,
                "fps": float(meta.get("fps") or 0.0), "bucket": "x".join(map(str, meta.get("bucket", ())))}
         if self.use_text and "text_emb" in tensors:
             if "text_mask" not in tensors:
@@ -105,13 +106,17 @@ def build_latent_dataset(urls: Sequence[str], *, batch_sizes: Mapping[str, int],
                          sample_posterior: bool = True, use_text: bool = True, shuffle_buffer: int = 0,
                          resampled: bool = False, drop_last: bool = False, text_pad_to: int | None = None,
                          rank: int | None = None, world_size: int | None = None, null_text: NullText | None = None,
-                         max_empty_draws: int | None = 50, context: StarveContext | None = None) -> ClipDataset:
-    """Latent shard paths -> dataset of one-shape LatentBatch dicts; batch_sizes {"TxHxW": n, "default": n}."""
+                         max_empty_draws: int | None = 50, context: StarveContext | None = None,
+                         trigger: str | None = None, head: Head | None = None) -> ClipDataset:
+    """Latent shard paths -> dataset of one-shape LatentBatch dicts; batch_sizes {"TxHxW": n, "default": n}.
+
+    trigger / head: as `build_clip_dataset` (a caption trigger word; the stages up to raw samples)."""
     state = PipelineState()
     context = context or StarveContext("data.shards", describe_shards(urls), latent_fixes("data.shards"))
     counts = worker_counts(urls, resampled, max_empty_draws, context)
-    stages = source_stages(urls, state, counts, train=train, seed=seed, shuffle_buffer=shuffle_buffer,
-                           resampled=resampled, rank=rank, world_size=world_size)
+    stages = head(state, counts) if head is not None else source_stages(
+        urls, state, counts, train=train, seed=seed, shuffle_buffer=shuffle_buffer, resampled=resampled, rank=rank,
+        world_size=world_size, trigger=trigger)
     stages.append(LatentDecode(counts, state, sample_posterior=sample_posterior and train, seed=seed,
                                use_text=use_text))
     stages.append(LatentBatcher(batch_sizes, counts, drop_last, text_pad_to, null_text if use_text else None))
@@ -131,6 +136,8 @@ class LatentDataModule(ShardDataModule):
     sample_posterior: train on `mean + std * eps` (seeded per (seed, epoch, key)) instead of the mean.
     use_text_emb: yield text_emb / text_mask (and the shards' null text_null_emb / text_null_mask) when the shards
     hold them; text_pad_to: pad text_emb / text_mask to >= this length.
+    trigger / sources: as ClipDataModule; a trigger word needs the captions encoded by the run (shards without text
+    embeddings, or use_text_emb=false): embeddings stored without it are refused at setup.
     The rest: as ClipDataModule (vidgen.data.base).
     """
 
@@ -144,7 +151,8 @@ class LatentDataModule(ShardDataModule):
                  seed: int = 0, sample_posterior: bool = True, use_text_emb: bool = True,
                  text_pad_to: int | None = None, drop_last: bool = False, pin_memory: bool = False,
                  prefetch_factor: int = 2, buckets: Sequence | None = None, max_empty_draws: int | None = 50,
-                 rank: int | None = None, world_size: int | None = None, log_stats: bool = True):
+                 rank: int | None = None, world_size: int | None = None, log_stats: bool = True,
+                 trigger: str | None = None, sources: Sequence[Mapping] | None = None):
         super().__init__(locals())
         if buckets is not None:
             parse_buckets(self.hparams.buckets)  # a malformed list still fails at instantiation
@@ -167,6 +175,7 @@ class LatentDataModule(ShardDataModule):
                 raise DataConfigError(f"data.{'' if train else 'val_'}{e}; those are the latent shards' buckets, "
                                       "fixed at encoding") from None
         self._null = self._null_text()
+        self._check_trigger()
         if not self._checked:
             self._check()
             self._checked = True
@@ -197,6 +206,18 @@ class LatentDataModule(ShardDataModule):
                                       "embeddings (null_text.safetensors), so their text embeddings come from "
                                       "different text encoders; train on shards of one text encoder")
         return emb, mask
+
+    def _check_trigger(self) -> None:
+        """A trigger word cannot enter captions whose text embeddings were computed without it: refuse those."""
+        triggers = [(s.name + ".trigger", s.trigger) for s in self.mixture or () if s.trigger]
+        if self.trigger:
+            triggers.insert(0, ("data.trigger", self.trigger))
+        stored = [folder for folder, m in self.manifests.items() if m.get("text_encoder")]
+        if triggers and stored and self.hparams.use_text_emb:
+            setting, word = triggers[0]
+            raise DataConfigError(f"{setting}={word}: the latent shards at {stored[0]} hold text embeddings of "
+                                  f"their captions without the trigger word; set data.use_text_emb=false to encode "
+                                  f"the captions (with {word!r}) with the run's text encoder")
 
     def _check(self) -> None:
         hp = self.hparams
@@ -230,4 +251,5 @@ class LatentDataModule(ShardDataModule):
             sample_posterior=hp.sample_posterior, use_text=hp.use_text_emb,
             shuffle_buffer=hp.shuffle_buffer if train else 0, resampled=resampled,
             drop_last=hp.drop_last if train else False, text_pad_to=hp.text_pad_to, rank=rank, world_size=world_size,
-            null_text=self._null, max_empty_draws=hp.max_empty_draws, context=context)
+            null_text=self._null, max_empty_draws=hp.max_empty_draws, context=context, trigger=self.trigger,
+            head=self.head(train, rank, world_size))

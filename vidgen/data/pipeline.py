@@ -13,7 +13,7 @@ import json
 import logging
 import random
 from itertools import islice
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from vidgen.data.stats import DRAW_KEY, STARVED_KEY, STATS_KEY, LoaderStats, Wor
 log = logging.getLogger(__name__)
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+TRIGGER_KEY = "__trigger__"  # on the raw samples of a style set: the word put in front of their captions
 
 
 class PipelineState:
@@ -100,6 +101,25 @@ class TarSamples:
                 self.counts.read_sample(draw)
                 yield sample
             self.counts.end_shard(draw)
+
+
+class TagTrigger:
+    """Marks each raw sample with the trigger word its caption gets (the decode stages apply `with_trigger`)."""
+
+    def __init__(self, trigger: str):
+        self.trigger = trigger
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        for raw in src:
+            raw[TRIGGER_KEY] = self.trigger
+            yield raw
+
+
+def with_trigger(caption: str, trigger: str | None) -> str:
+    """`"TRIGGER caption"` (the trigger alone for an empty caption; unchanged when it already starts with it)."""
+    if not trigger or caption == trigger or caption.startswith(trigger + " "):
+        return caption
+    return f"{trigger} {caption}" if caption else trigger
 
 
 class SampleShuffle:
@@ -200,6 +220,7 @@ class ClipTransform(SampleTransform):
         caption = str(meta.get("caption") or "")
         if self.require_caption and not caption.strip():
             raise SampleDrop("no_caption")
+        caption = with_trigger(caption, raw.get(TRIGGER_KEY))
         media = raw.get("mp4")
         if media is not None:
             return self._video(media, meta, caption, key)
@@ -333,8 +354,10 @@ class ClipDataset(wds.DataPipeline):
 
 
 def source_stages(urls: Sequence[str], state: PipelineState, counts: WorkerCounts, *, train: bool, seed: int,
-                  shuffle_buffer: int, resampled: bool, rank: int | None, world_size: int | None) -> list:
-    """The stages every shard pipeline starts with: shards -> node/worker split -> raw samples -> shuffle."""
+                  shuffle_buffer: int, resampled: bool, rank: int | None, world_size: int | None,
+                  trigger: str | None = None) -> list:
+    """The stages every shard pipeline starts with: shards -> node/worker split -> raw samples -> shuffle
+    (-> tagged with the `trigger` word of a style set). Several weighted shard sets: `vidgen.data.mixing`."""
     stages: list = [ShardSource(urls, state, shuffle=train, resampled=resampled, seed=seed, rank=rank,
                                 world_size=world_size)]
     if not resampled:  # resampled draws are already independent per rank and worker
@@ -342,7 +365,12 @@ def source_stages(urls: Sequence[str], state: PipelineState, counts: WorkerCount
     stages.append(TarSamples(counts))
     if shuffle_buffer > 1:
         stages.append(SampleShuffle(shuffle_buffer, state, seed, rank, world_size))
+    if trigger:
+        stages.append(TagTrigger(trigger))
     return stages
+
+
+Head = Callable[[PipelineState, WorkerCounts], list]  # the first stages of a pipeline (up to raw samples)
 
 
 def worker_counts(urls: Sequence[str], resampled: bool, max_empty_draws: int | None,
@@ -356,14 +384,20 @@ def build_clip_dataset(urls: Sequence[str], *, buckets, batch_size, train: bool,
                        shuffle_buffer: int = 0, resampled: bool = False, decoder: str = "decord",
                        decoder_threads: int = 1, require_caption: bool = False, drop_last: bool = False,
                        rank: int | None = None, world_size: int | None = None, max_empty_draws: int | None = 50,
-                       context: StarveContext | None = None) -> ClipDataset:
-    """Shard paths -> ClipDataset yielding one-bucket ClipBatch dicts (see ClipTransform / BucketBatcher)."""
+                       context: StarveContext | None = None, trigger: str | None = None,
+                       head: Head | None = None) -> ClipDataset:
+    """Shard paths -> ClipDataset yielding one-bucket ClipBatch dicts (see ClipTransform / BucketBatcher).
+
+    trigger: a word put in front of every caption; head: the stages up to raw samples (default `source_stages`
+    over `urls`; `vidgen.data.mixing.mixed_stages` draws from several weighted shard sets instead).
+    """
     state = PipelineState()
     context = context or StarveContext("data.train_shards", describe_shards(urls), clip_fixes("data.train_shards"))
     counts = worker_counts(urls, resampled, max_empty_draws, context)
     assigner = BucketAssigner(buckets, target_fps=target_fps, frame_stride=frame_stride, max_upscale=max_upscale)
-    stages = source_stages(urls, state, counts, train=train, seed=seed, shuffle_buffer=shuffle_buffer,
-                           resampled=resampled, rank=rank, world_size=world_size)
+    stages = head(state, counts) if head is not None else source_stages(
+        urls, state, counts, train=train, seed=seed, shuffle_buffer=shuffle_buffer, resampled=resampled, rank=rank,
+        world_size=world_size, trigger=trigger)
     stages.append(ClipTransform(assigner, counts, state, train=train, seed=seed, decoder=decoder,
                                 decoder_threads=decoder_threads, require_caption=require_caption))
     stages.append(BucketBatcher(batch_sizes_per_bucket(batch_size, assigner.buckets), counts, drop_last))

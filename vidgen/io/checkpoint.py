@@ -35,7 +35,7 @@ from torch import nn
 from vidgen.errors import one_line_errors
 from vidgen.conditioning import Conditioner
 from vidgen.io.atomic import atomic_dir, atomic_write_text
-from vidgen.io.fingerprint import fingerprint_folder, short
+from vidgen.io.fingerprint import fingerprint_folder, fingerprint_module, short
 from vidgen.io.pretrained import (CONFIG_NAME, WEIGHTS_NAME, WeightsError, build_model, class_path, import_class,
                                   json_default, load_state, read_config,
                                   read_safetensors, save_pretrained)
@@ -209,17 +209,47 @@ def parts_from_checkpoint(ckpt: dict[str, Any], source: str, ema: bool = True) -
                               f"vidgen or another program; expected one written by train.py)")
     state = dict(ckpt.get("state_dict") or {})
     ema_used = overlay_ema(state, ckpt) if ema else False
+    shared = dict(meta.get("meta") or {})
+    base = _base_states(meta["parts"], shared.get("init_from"), source)  # adapter runs: weights from their base
     parts = {}
     for name, spec in meta["parts"].items():
         saved = spec.get("saved", spec.get("trainable", True))  # a frozen encoder's weights may travel too
-        sub = _sub_state(state, spec["prefix"]) if saved else None
+        sub = base[name] if name in base else _sub_state(state, spec["prefix"]) if saved else None
         parts[name] = Part(spec["class"], spec["config"], sub, bool(spec.get("trainable", True)),
                            dict(spec.get("extra") or {}))
     info = {"source": source, "ema_used": ema_used, "global_step": ckpt.get("global_step")}
     adapters = dict(ckpt.get("adapters") or {})
-    shared = dict(meta.get("meta") or {})
+    for name, spec in (shared.get("adapters") or {}).items():  # e.g. LoRA: the tensors under the adapted part
+        adapters[name] = _sub_state(state, spec["prefix"])
     shared.setdefault("defaults", _default_shape(meta.get("config")))
     return ModelParts(checkpoint_kind(ckpt), parts, shared, info, adapters)
+
+
+def _base_states(specs: dict[str, dict], init_from: dict | None, source: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Weights of the parts an adapter run left out of its checkpoint (`"base": true`): those of the checkpoint or
+    export it started from (`meta.init_from`), refused in one line if they changed since (content fingerprints)."""
+    names = [name for name, spec in specs.items() if spec.get("base")]
+    if not names:
+        return {}
+    path = (init_from or {}).get("path")
+    if not path:
+        raise CheckpointError(f"{source}: parts {', '.join(names)} take their weights from the base the run started "
+                              f"from, but the checkpoint records none (meta.init_from)")
+    found = read_parts(path, ema=bool(init_from.get("ema", True)), setting=f"{source}: its base")
+    states = {}
+    for name in names:
+        part = found.parts.get(name)
+        if part is None or part.state is None:
+            raise CheckpointError(f"{source}: its base {path} has no '{name}' weights")
+        spec = specs[name]
+        model = Part(spec["class"], spec["config"], part.state).build(f"{path} [{name}]")
+        fingerprint, expected = fingerprint_module(model), (init_from.get("fingerprints") or {}).get(name)
+        if fingerprint != expected:
+            raise CheckpointError(f"{source}: its base {path} [{name}] changed since the adapters were trained on it "
+                                  f"(fingerprint {short(fingerprint)}, trained on {short(expected)}); restore the base "
+                                  f"they were trained on")
+        states[name] = part.state
+    return states
 
 
 def _default_shape(run_config: dict | None) -> dict[str, int]:

@@ -9,6 +9,11 @@ The conditioner (`vidgen.conditioning`) turns either into the DiT's keyword tens
 The VAE is held outside the registered modules (not in state_dict, optimizer, EMA or FSDP units); the checkpoint
 records its folder and content fingerprint instead. Every checkpoint describes its parts in the one format of
 `vidgen.io.checkpoint`, so the export command and `sample.py` rebuild everything from the checkpoint alone.
+
+Fine-tuning (`vidgen.training.adapters`): `init_from` starts the DiT (and a trained text encoder) from any
+checkpoint or export; `lora` then adds peft adapters and trains only them. A LoRA checkpoint's `state_dict` holds
+only the adapter tensors: its `vidgen` entry records the base (`meta.init_from`: path + fingerprints, its parts
+marked `"base": true`) and `meta.adapters.lora` (rank, alpha, modules), and resuming puts the base weights back.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from vidgen.io.checkpoint import describe, part_spec
 from vidgen.io.fingerprint import fingerprint_folder, short
 from vidgen.io.pretrained import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, read_config
 from vidgen.models.vae import VideoVAE
+from vidgen.training.adapters import (ADAPTER, apply_lora, check_same_base, freeze_all_but_adapters, is_adapter,
+                                      load_base)
 from vidgen.training.rng import MicroBatchCounter
 
 log = logging.getLogger(__name__)
@@ -65,6 +72,10 @@ class DiTModule(pl.LightningModule):
     cond_prob / max_cond_frames: with probability `cond_prob` a sample is conditioned on its first k clean latent
     frames, k uniform in [1, max_cond_frames] (image-to-video and extension with the same model).
     val_t / val_seed: validation losses at these fixed flow times with noise seeded per batch index.
+    init_from: a checkpoint or export folder whose DiT (and trained text encoder) weights the run starts from
+    (`init_ema`: its EMA weights when it has them); require_init_from: a fine-tune experiment stops at set-up
+    without one; lora: {rank, alpha, dropout, targets} adds LoRA adapters to the DiT after that (needs
+    `init_from`) and trains only them.
     sample_posterior: train on posterior samples of the VAE (LDM practice) or on its mean (Wan 2.1 practice; better
     for a briefly trained VAE whose posterior std is still large); validation always uses the mean.
     vae_chunk_size: encode videos this many latent frames at a time (bounded memory for long clips).
@@ -73,11 +84,13 @@ class DiTModule(pl.LightningModule):
     def __init__(self, dit: nn.Module, conditioner: Conditioner, vae_path: str | None, optimizer: partial,
                  scheduler: partial | None = None, flow: dict | None = None, cond_prob: float = 0.0,
                  max_cond_frames: int = 1, val_t: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9), val_seed: int = 0,
-                 sample_posterior: bool = True, vae_chunk_size: int | None = None) -> None:
+                 sample_posterior: bool = True, vae_chunk_size: int | None = None, init_from: str | None = None,
+                 init_ema: bool = True, require_init_from: bool = False, lora: dict | None = None) -> None:
         super().__init__()
         # Hydra passes DictConfig / ListConfig: store plain values so checkpoints load with weights_only=True.
-        flow, val_t = _plain(flow or {}), [float(t) for t in val_t]
+        flow, val_t, lora = _plain(flow or {}), [float(t) for t in val_t], _plain(lora) if lora else None
         vae_path = str(vae_path) if vae_path is not None else None
+        init_from = str(init_from) if init_from is not None else None
         self.save_hyperparameters(ignore=["dit", "conditioner", "optimizer", "scheduler"])
         self.dit = dit
         self.conditioner = conditioner
@@ -87,6 +100,17 @@ class DiTModule(pl.LightningModule):
         self.micro = MicroBatchCounter()
         self._frozen: dict[str, nn.Module] = {}  # not registered: not in state_dict / optimizer / EMA / FSDP units
         self._check_wiring()
+        # Fine-tuning, from outside the model code: the base weights first, then adapters on top of them.
+        self.base = load_base(dit, conditioner, init_from, init_ema, vae_path) if init_from else None
+        self.lora = None
+        if lora:
+            untrained = [f"cond.{n}" for n, e in conditioner.entries.items()
+                         if e.trainable and self.base is not None and f"cond.{n}" not in self.base["parts"]]
+            if untrained:
+                raise UserError(f"task.module.init_from={init_from}: has no {untrained[0]} weights for the run's "
+                                f"trainable encoder, which a LoRA run freezes; use the base's encoder")
+            self.lora = {**apply_lora(dit, **lora), "part": "dit", "prefix": "dit."}
+            freeze_all_but_adapters(self)  # the text encoder too: only adapters train (optimizer, EMA, checkpoint)
 
     def _check_wiring(self) -> None:
         """One clear line when the DiT's input widths do not match the text entry / VAE it is trained with."""
@@ -132,6 +156,9 @@ class DiTModule(pl.LightningModule):
         return {"path": str(Path(path).resolve()), "fingerprint": fingerprint_folder(path) if has_weights else None}
 
     def setup(self, stage: str) -> None:
+        if self.base is None and (self.lora is not None or self.hparams.require_init_from):
+            what = "LoRA adapts trained weights" if self.lora is not None else "this run fine-tunes a trained DiT"
+            raise UserError(f"task.module.init_from is not set: {what}; set it to an export folder or checkpoint")
         if self.hparams.vae_path is not None:
             _ = self.vae  # fail at start-up, not at the first batch
 
@@ -206,6 +233,12 @@ class DiTModule(pl.LightningModule):
             parts[f"cond.{name}"] = part_spec(f"conditioner.entries.{name}.encoder.", spec, entry.trainable)
             parts[f"cond.{name}"]["saved"] = entry.trainable or bool(self._frozen_weights(name))
         meta = {"flow": _plain(self.hparams.flow), "vae": self.vae_reference(), "conditioner": self.conditioner.spec()}
+        if self.base is not None:
+            meta["init_from"] = self.base
+        if self.lora is not None:  # the checkpoint holds only the adapters: these parts' weights are the base's
+            meta["adapters"] = {ADAPTER: self.lora}
+            for name in self.base["parts"]:
+                parts[name].update(saved=False, base=True)
         return describe("dit", parts, meta)
 
     def _frozen_weights(self, name: str) -> dict[str, torch.Tensor]:
@@ -219,11 +252,16 @@ class DiTModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint.setdefault("vidgen", {}).update(self.checkpoint_description())
+        if self.lora is not None:  # adapters only; the base is recorded by path and fingerprint
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter(k)}
         for name in self.conditioner.entries:
+            if self.lora is not None and f"cond.{name}" in self.base["parts"]:
+                continue  # its weights are the base's (recorded by path and fingerprint)
             prefix = f"conditioner.entries.{name}.encoder."
             checkpoint["state_dict"].update({prefix + k: v for k, v in self._frozen_weights(name).items()})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restore_base(checkpoint)
         for name, entry in self.conditioner.entries.items():  # frozen encoders' weights: for exports, not resume
             if not entry.trainable:
                 prefix = f"conditioner.entries.{name}.encoder."
@@ -237,6 +275,27 @@ class DiTModule(pl.LightningModule):
             if found != saved:
                 raise UserError(f"task.module.vae_path={path}: this VAE (fingerprint {short(found)}) is not the one "
                                  f"the checkpoint was trained with ({ref.get('path')}, fingerprint {short(saved)})")
+
+
+    def _restore_base(self, checkpoint: dict[str, Any]) -> None:
+        """A LoRA checkpoint holds only adapters: check it was trained on this run's base and with this LoRA, then
+        complete its state_dict with the base weights already loaded (from `init_from`), so loading stays strict."""
+        saved = ((checkpoint.get("vidgen") or {}).get("meta") or {})
+        adapters = (saved.get("adapters") or {}).get(ADAPTER)
+        if adapters is None and self.lora is None:
+            return
+        if adapters is None or self.lora is None:
+            have, want = ("LoRA adapters", "a full") if self.lora is None else ("full weights", "a LoRA")
+            raise UserError(f"resume: the checkpoint holds {have}, but this run trains {want} model "
+                            f"(task.module.lora={self.hparams.lora}); resume it with the settings it was trained with")
+        check_same_base(saved.get("init_from"), self.base)
+        keys = ("rank", "alpha", "modules")
+        if any(adapters.get(k) != self.lora.get(k) for k in keys):
+            diff = next(k for k in keys if adapters.get(k) != self.lora.get(k))
+            raise UserError(f"task.module.lora: {diff} differs from the checkpoint's LoRA ({adapters.get(diff)!r} vs "
+                            f"{self.lora.get(diff)!r}); resume with the LoRA settings it was trained with")
+        state = checkpoint.get("state_dict") or {}
+        checkpoint["state_dict"] = {**{k: v for k, v in self.state_dict().items() if not is_adapter(k)}, **state}
 
 
 def _plain(value: Any) -> Any:
