@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vidgen-installed
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo finetune-demo bench clean
 
 $(STAMP): pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV)
@@ -15,6 +15,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	bash scripts/demo.sh
+
+finetune-demo: $(STAMP)
+	bash scripts/finetune_demo.sh
 
 bench: $(STAMP)
 	$(PY) bench/data_throughput.py
