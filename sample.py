@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from vidgen.errors import one_line_errors
 import vidgen.config  # noqa: F401  (registers the config resolvers)
+from vidgen.io.prompts import read_prompt_file
 from vidgen.io.video import read_image, read_video, save_sample, slug
 from vidgen.pipeline import DiTPipeline, SamplingError
 
@@ -26,18 +27,8 @@ def read_prompts(cfg: DictConfig) -> list[dict]:
         raise SamplingError("give exactly one of prompt=... or prompts_file=PATH")
     if cfg.prompt is not None:
         return [{"prompt": str(cfg.prompt), "seed": int(cfg.seed)}]
-    path = Path(cfg.prompts_file)
-    if not path.is_file():
-        raise SamplingError(f"prompts_file={path}: no such file")
-    items = []
-    for i, line in enumerate(ln for ln in path.read_text().splitlines() if ln.strip()):
-        item = json.loads(line) if line.lstrip().startswith("{") else {"prompt": line.strip()}
-        if "prompt" not in item:
-            raise SamplingError(f"prompts_file={path}: line {i + 1} has no \"prompt\"")
-        items.append({**item, "seed": int(item.get("seed", cfg.seed + i))})
-    if not items:
-        raise SamplingError(f"prompts_file={path}: no prompts")
-    return items
+    return [{**item, "seed": int(item.get("seed", cfg.seed + item["line_index"]))}
+            for item in read_prompt_file(cfg.prompts_file)]
 
 
 def read_media(cfg: DictConfig) -> tuple:

@@ -36,6 +36,7 @@ from vidgen.data.pipeline import with_trigger
 from vidgen.data.shards import resolve_shards
 from vidgen.errors import UserError, one_line_errors
 from vidgen.eval.compare import Sampling
+from vidgen.io.prompts import read_prompt_file
 from vidgen.io.video import read_video, save_sample, to_uint8_video
 from vidgen.pipeline import DiTPipeline
 
@@ -63,25 +64,7 @@ def style_score(frames: np.ndarray) -> float:
 
 def read_prompt_list(path: str | os.PathLike, setting: str = "--prompts") -> list[str]:
     """Prompts from a file: plain text (one per line) or JSONL with "prompt" or "caption" (demo_captions.jsonl)."""
-    path = Path(path)
-    if not path.is_file():
-        raise BeforeAfterError(f"{setting}={path}: no such file")
-    prompts = []
-    for i, line in enumerate(ln for ln in path.read_text().splitlines() if ln.strip()):
-        if not line.lstrip().startswith("{"):
-            prompts.append(line.strip())
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BeforeAfterError(f"{setting}={path}: line {i + 1} is not valid JSON ({e.msg})") from None
-        text = item.get("prompt", item.get("caption"))
-        if not isinstance(text, str):
-            raise BeforeAfterError(f"{setting}={path}: line {i + 1} has no \"prompt\" (or \"caption\")")
-        prompts.append(text)
-    if not prompts:
-        raise BeforeAfterError(f"{setting}={path}: no prompts")
-    return prompts
+    return [item["prompt"] for item in read_prompt_file(path, setting, keys=("prompt", "caption"))]
 
 
 def parse_seeds(text: str, setting: str = "--seeds") -> list[int]:

@@ -24,6 +24,7 @@ from vidgen.errors import UserError
 from vidgen.eval.clip_score import CLIPScorer
 from vidgen.eval.fvd import I3DFeatures
 from vidgen.eval.video_metrics import diversity, flicker, motion
+from vidgen.io.prompts import read_prompt_file
 from vidgen.io.video import save_sample, slug, to_uint8_video
 from vidgen.pipeline import DiTPipeline
 
@@ -38,23 +39,12 @@ def read_prompts(path: str | os.PathLike, seeds: Sequence[int]) -> list[dict[str
     Every prompt uses `seeds`; a JSONL "seed" (an int or a list) replaces them for its line. Names default to
     `NNN_slug-of-prompt` and must be unique (they name the files).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise EvalError(f"prompts_file={path}: no such file")
     items = []
-    for i, line in enumerate(ln for ln in path.read_text().splitlines() if ln.strip()):
-        try:
-            item = json.loads(line) if line.lstrip().startswith("{") else {"prompt": line.strip()}
-        except json.JSONDecodeError as e:
-            raise EvalError(f"prompts_file={path}: line {i + 1} is not valid JSON ({e.msg})") from None
-        if "prompt" not in item:
-            raise EvalError(f"prompts_file={path}: line {i + 1} has no \"prompt\"")
-        own = item.get("seed")
+    for item in read_prompt_file(path):
+        i, own = item["line_index"], item.get("seed")
         item_seeds = [int(s) for s in (own if isinstance(own, list) else [own])] if own is not None else list(seeds)
-        items.append({"prompt": str(item["prompt"]), "name": str(item.get("name") or f"{i:03d}_{slug(item['prompt'])}"),
+        items.append({"prompt": item["prompt"], "name": str(item.get("name") or f"{i:03d}_{slug(item['prompt'])}"),
                       "seeds": item_seeds})
-    if not items:
-        raise EvalError(f"prompts_file={path}: no prompts")
     names = [it["name"] for it in items]
     if len(set(names)) != len(names):
         raise EvalError(f"prompts_file={path}: duplicate names {sorted({n for n in names if names.count(n) > 1})}")

@@ -37,7 +37,7 @@ from vidgen.conditioning import Conditioner
 from vidgen.io.atomic import atomic_dir, atomic_write_text
 from vidgen.io.fingerprint import fingerprint_folder, fingerprint_module, short
 from vidgen.io.pretrained import (CONFIG_NAME, WEIGHTS_NAME, WeightsError, build_model, class_path, import_class,
-                                  json_default, load_state, read_config,
+                                  json_default, load_state, read_config, read_json,
                                   read_safetensors, save_pretrained)
 from vidgen.io.sharded import read_deepspeed_folder, read_fsdp_folder
 
@@ -267,10 +267,7 @@ def parts_from_export(folder: Path) -> ModelParts:
         extra = {k: v for k, v in model.items() if k not in ("class", "config")}
         part = Part(model["class"], model["config"], read_safetensors(folder / WEIGHTS_NAME), True, extra)
         return ModelParts(kind, {kind: part}, {}, {"source": str(folder.resolve()), **extra.get("exported_from", {})})
-    try:
-        meta = json.loads((folder / EXPORT_META).read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{folder / EXPORT_META}: not valid JSON ({e})") from None
+    meta = read_json(folder / EXPORT_META)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{folder}: export format {meta.get('format')!r}, this vidgen reads format {FORMAT}; "
                               f"re-export it from its checkpoint")

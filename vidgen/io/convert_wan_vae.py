@@ -14,7 +14,6 @@ hard-codes for the 16-channel VAE (`WAN21_LATENTS_MEAN/STD`).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 from vidgen.errors import one_line_errors
 from vidgen.io.checkpoint import load_checkpoint
-from vidgen.io.pretrained import WeightsError, read_safetensors, save_pretrained
+from vidgen.io.pretrained import WeightsError, read_json, read_safetensors, save_pretrained
 from vidgen.models.vae import VideoVAE
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
@@ -188,10 +187,7 @@ def load_wan_vae_from_diffusers(folder: str | Path, where: str | None = None) ->
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise WeightsError(f"{where}: no config.json (expected a diffusers {DIFFUSERS_CLASS} folder)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise WeightsError(f"{cfg_path}: not valid JSON ({e})") from None
+    cfg = read_json(cfg_path)
     if cfg.get("_class_name", DIFFUSERS_CLASS) != DIFFUSERS_CLASS:
         raise WeightsError(f"{where}: {cfg_path.name} holds a {cfg['_class_name']}, expected {DIFFUSERS_CLASS}")
     weights = next((folder / n for n in DIFFUSERS_WEIGHTS if (folder / n).is_file()), None)

@@ -41,7 +41,7 @@ from vidgen.io.convert_wan_dit import (DIFFUSERS_CLASS, check_t2v, diffusers_con
                                        is_original_layout, original_to_diffusers)
 from vidgen.io.convert_wan_vae import load_wan_vae
 from vidgen.io.fingerprint import fingerprint_folder
-from vidgen.io.pretrained import WeightsError, class_path, read_safetensors, save_pretrained
+from vidgen.io.pretrained import WeightsError, class_path, read_json, read_safetensors, save_pretrained
 from vidgen.models.dit import DiT
 from vidgen.models.text import HFTextEncoder
 
@@ -103,16 +103,6 @@ def read_weights_folder(folder: Path, where: str) -> dict[str, torch.Tensor]:
     return read_weights_file(files[0], where)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as e:
-        raise WeightsError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise WeightsError(f"{path}: expected a JSON object")
-    return data
-
-
 # ---------------------------------------------------------------------------------------------- the three parts
 def load_transformer(path: str | os.PathLike, num_heads: int | None = None,
                      setting: str = "transformer") -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
@@ -122,7 +112,7 @@ def load_transformer(path: str | os.PathLike, num_heads: int | None = None,
     if not path.exists():
         raise WeightsError(f"{where}: no such file or folder (expected a diffusers {DIFFUSERS_CLASS} folder or the "
                            f"original Wan 2.1 weights)")
-    config = _read_json(path / "config.json") if (path / "config.json").is_file() else None
+    config = read_json(path / "config.json") if (path / "config.json").is_file() else None
     if config is not None:
         name = config.get("_class_name", DIFFUSERS_CLASS)
         if name not in (DIFFUSERS_CLASS, "WanModel"):
@@ -154,7 +144,7 @@ def text_encoder_part(path: str | os.PathLike, text_dim: int, max_length: int = 
                            f"Wan2.1-T2V-1.3B-Diffusers/text_encoder with the files of its tokenizer/ folder)")
     if not (path / "config.json").is_file():
         raise WeightsError(f"{where}: no config.json (expected a transformers text-encoder folder)")
-    config = _read_json(path / "config.json")
+    config = read_json(path / "config.json")
     if not any(p.suffix in (".safetensors", ".bin") for p in path.iterdir()):
         raise WeightsError(f"{where}: no weights (*.safetensors) beside config.json")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
@@ -220,7 +210,7 @@ def import_wan(transformer: str | os.PathLike, vae: str | os.PathLike, text_enco
         parts = ModelParts("dit", {"dit": Part(class_path(DiT), dit_config, dit_state),
                                    "cond.text": text}, meta, info)
         write_export(parts, out)  # validates every part and copies the VAE into out/vae
-    export = _read_json(out / EXPORT_META)  # the VAE's home is now out/vae, not the staging folder
+    export = read_json(out / EXPORT_META)  # the VAE's home is now out/vae, not the staging folder
     export["meta"]["vae"]["path"] = str((out / "vae").resolve())
     atomic_write_text(out / EXPORT_META, json.dumps(export, indent=2))
     return out

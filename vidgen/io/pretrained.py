@@ -103,16 +103,25 @@ def write_config(folder: str | os.PathLike, model: nn.Module, extra: dict[str, A
     return path
 
 
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object from a file of a model folder (config.json, vidgen.json); one line when it is not one."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: expected a JSON object")
+    return data
+
+
 def read_config(folder: str | os.PathLike, expected: type | None = None) -> dict[str, Any]:
     """The whole `config.json` of an export folder, checked against `expected` when given."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise WeightsError(f"{folder}: not an export folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as e:
-        raise WeightsError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or "class" not in meta:
+    meta = read_json(path)
+    if "class" not in meta:
         raise WeightsError(f"{path}: no recorded model class (expected a vidgen export's config.json)")
     if expected is not None and meta["class"] != class_path(expected):
         raise WeightsError(f"{folder}: holds a {meta['class']!r}, expected a {class_path(expected)!r}")
