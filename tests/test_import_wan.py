@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from test_wan_pipeline import (FRAMES, HEIGHT, L, PROMPTS, SEED, SHIFT, WAN_TINY, WIDTH, _diffusers_pipeline,
-                               _tokenizer)
+                               save_tiny_umt5)
 from vidgen.errors import one_line_errors
 
 Z16 = 16  # Wan's VAE width, so the original-layout VAE gets Wan's published latent statistics
@@ -85,14 +85,9 @@ def vae_to_original(sd: dict[str, torch.Tensor], num_res_blocks: int) -> dict[st
 def wan16(tmp_path_factory):
     """Paths of a tiny random Wan 2.1 in diffusers layout and in the original layout, + the transformer module."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
 
     root = tmp_path_factory.mktemp("wan16")
-    tokenizer = _tokenizer()
-    tokenizer.save_pretrained(root / "text")
-    torch.manual_seed(0)
-    UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).save_pretrained(root / "text")
+    save_tiny_umt5(root / "text")
     torch.manual_seed(1)
     transformer = WanTransformer3DModel(**WAN16).eval()
     with torch.no_grad():

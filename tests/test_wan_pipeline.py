@@ -34,18 +34,24 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
+def save_tiny_umt5(folder) -> None:
+    """A tiny random UMT5 encoder (width 32) + the offline tokenizer, saved as one transformers folder."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = _tokenizer()
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).save_pretrained(folder)
+
+
 @pytest.fixture(scope="module")
 def wan_tiny(tmp_path_factory):
     """(folder of the UMT5 + tokenizer, diffusers transformer, folder of the diffusers VAE), all random and tiny."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
 
     root = tmp_path_factory.mktemp("wan_tiny")
-    tokenizer = _tokenizer()
-    tokenizer.save_pretrained(root / "text")
-    torch.manual_seed(0)
-    UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).save_pretrained(root / "text")
+    save_tiny_umt5(root / "text")
 
     torch.manual_seed(1)
     transformer = WanTransformer3DModel(**WAN_TINY).eval()
