@@ -4,7 +4,8 @@ Every checkpoint (a DiT .ckpt, FSDP / DeepSpeed folder or export folder) samples
 seeds. Writes under `out_dir`: `LABEL/NAME_sSEED.{mp4,png,json}` per video, `metrics.json` (per checkpoint:
 aggregates; per prompt and seed: metrics and file paths), `metrics.png`, `report.md` and a self-contained
 `report.html`. Metrics: FVD against `real_shards` (with `i3d=`), CLIP score (with `clip=`), flicker, motion
-and diversity across seeds (definitions: vidgen/eval/report.py).
+and diversity across seeds, and with `real_shards` each video's distance to every caption's real clips (caption
+match; definitions: vidgen/eval/report.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from vidgen.errors import one_line_errors
 import vidgen.config  # noqa: F401  (registers the config resolvers)
 from vidgen.eval.clip_score import CLIPScorer
 from vidgen.eval.compare import (EvalError, Sampling, Scorers, aggregate, checkpoint_labels, read_prompts,
-                                 real_features, sample_checkpoint)
+                                 real_features, real_scenes, sample_checkpoint)
 from vidgen.eval.fvd import I3DFeatures, fvd_from_features, load_i3d
 from vidgen.eval.report import write_reports
 from vidgen.pipeline import DiTPipeline
@@ -61,6 +62,7 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     real: dict[tuple[int, int, int], np.ndarray] = {}  # I3D features of the real clips, per (frames, height, width)
+    scenes: dict[tuple[int, int, int], dict[str, list[np.ndarray]]] = {}  # real clips per caption, per size
     records = []
     total = len(ckpts) * sum(len(p["seeds"]) for p in prompts)
     with tqdm(total=total, desc="sampling", unit="video", dynamic_ncols=True) as bar:
@@ -70,6 +72,9 @@ def run(cfg: DictConfig) -> dict:
             size = sampling.size(pipe)
             if scorers.i3d is not None and size not in real:  # before sampling: a bad shard folder fails early
                 real[size] = real_features(scorers.i3d, cfg.real_shards, size, cfg.real_clips, decoder=cfg.decoder)
+            if cfg.real_shards is not None and cfg.caption_match and size not in scenes:
+                scenes[size] = real_scenes(cfg.real_shards, size, cfg.real_clips, decoder=cfg.decoder)
+            scorers.scenes = scenes.get(size)
             info, feats = sample_checkpoint(pipe, label, prompts, sampling, scorers, out_dir, progress=bar)
             info["aggregate"] = aggregate(info)
             if feats is not None and feats.shape[0] >= 2:

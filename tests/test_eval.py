@@ -14,11 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from data_prep.demo_data import demo_captions
 from test_dit_training import make_tiny_vae_export
 from vidgen.eval.clip_score import CLIPScorer
-from vidgen.eval.compare import EvalError, checkpoint_labels, read_prompts
+from vidgen.eval.compare import EvalError, checkpoint_labels, read_prompts, scene_scores
 from vidgen.eval.fvd import I3DFeatures, feature_stats, frechet_distance, fvd_from_features, load_i3d
-from vidgen.eval.video_metrics import diversity, flicker, motion
+from vidgen.eval.video_metrics import caption_distances, diversity, flicker, motion, scene_distance
 from vidgen.io.checkpoint import main as export_main
 from vidgen.io.video import read_video
 
@@ -227,6 +228,33 @@ def trained_ckpt(tmp_path_factory, demo_shards, tiny_vae_dir) -> Path:
     return tmp / "run" / "checkpoints" / "last.ckpt"
 
 
+def test_scene_distance_and_caption_match():
+    red = np.zeros((3, 8, 8, 3), np.uint8)
+    red[..., 0] = 200
+    blue = np.zeros((3, 8, 8, 3), np.uint8)
+    blue[..., 2] = 200
+    checker = (np.indices((8, 8)).sum(0) % 2 * 40 - 20)[None]  # +-20 per pixel, mean 0 per 2x2 block
+    noisy_red = red.copy()
+    noisy_red[..., 0] = 200 + checker
+    assert scene_distance(noisy_red, red, pool=2) == pytest.approx(0.0)
+    assert scene_distance(noisy_red, red, pool=1) == pytest.approx(20 / 3)  # only the red channel differs
+    assert scene_distance(red, blue) == pytest.approx(400 / 3)
+    assert scene_distance(red[:2], blue) == pytest.approx(400 / 3)  # the first min(T_a, T_b) frames
+    dim_red = (red // 2).astype(np.uint8)
+    scenes = {"a red room": [blue, dim_red, red], "a blue sky": [blue]}
+    assert caption_distances(noisy_red, scenes, pool=2) == {"a red room": pytest.approx(0.0),
+                                                              "a blue sky": pytest.approx(400 / 3)}
+    own = scene_scores(noisy_red, "a red room ", scenes, pool=2)  # prompts compare stripped
+    assert own["nearest_caption"] == "a red room" and own["caption_match"] == 1.0
+    assert own["caption_margin"] == pytest.approx(400 / 3)
+    wrong = scene_scores(noisy_red, "a blue sky", scenes, pool=2)
+    assert wrong["caption_match"] == 0.0 and wrong["caption_margin"] == pytest.approx(-400 / 3)
+    other = scene_scores(noisy_red, "a green field", scenes, pool=2)
+    assert other["caption_match"] is None and other["caption_margin"] is None
+    with pytest.raises(ValueError, match="one frame size"):
+        scene_distance(red, blue[:, :4])
+
+
 def test_eval_py_end_to_end(trained_ckpt, tmp_path, demo_shards, tiny_i3d, tiny_clip):
     export = tmp_path / "export"
     assert export_main([str(trained_ckpt), str(export)]) == 0
@@ -269,6 +297,14 @@ def test_eval_py_end_to_end(trained_ckpt, tmp_path, demo_shards, tiny_i3d, tiny_
             for v in p["videos"]:
                 assert f"{c['label']} seed {v['seed']}" in page and f"href='{v['mp4']}'" in page
     assert "bikes on a road" in page and "a bunny in a field" in page
+    # real_shards also gives each video its distance to every caption's real clips (none of these prompts is one)
+    captions = {c.strip() for c in demo_captions().values()}
+    for c in metrics["checkpoints"]:
+        for p in c["prompts"]:
+            for v in p["videos"]:
+                assert set(v["caption_distances"]) <= captions and v["nearest_caption"] in v["caption_distances"]
+                assert all(0 <= d <= 255 for d in v["caption_distances"].values()) and v["caption_match"] is None
+    assert "Distance to each caption's real clips" in page
     assert (out_dir / "report.md").is_file() and (out_dir / "metrics.png").is_file()
     assert not (ROOT / "outputs").exists() and not (ROOT / ".hydra").exists()
 

@@ -96,5 +96,9 @@ def test_configs_without_a_diffusers_counterpart_are_refused_in_one_line(importe
     save_pretrained(vae, tmp_path / "vae")
     with pytest.raises(WeightsError, match=r"num_res_blocks=\[1, 2, 2, 2\].*does not map"):
         vae_files(tmp_path / "vae")
+    save_pretrained(VideoVAE(latent_channels=Z16, base_channels=8, channel_mult=[1, 2], temporal_downsample=[True],
+                             num_res_blocks=1, patch_size=2), tmp_path / "patched")
+    with pytest.raises(WeightsError, match=r"patch_size=2 .*no diffusers"):
+        vae_files(tmp_path / "patched")
 
     assert "no such checkpoint" in run_cli(main, [str(tmp_path / "nothing"), str(tmp_path / "out")], capsys)

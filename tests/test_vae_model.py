@@ -135,3 +135,30 @@ def test_import_from_diffusers_gives_identical_outputs(tmp_path):
         torch.testing.assert_close(post.logvar, ref_post.logvar, atol=1e-5, rtol=1e-5)
         ref_x = ref.decode(ref_post.mean).sample  # diffusers decodes latent frame by latent frame
         torch.testing.assert_close(ours.decode(post.mean), ref_x, atol=1e-5, rtol=1e-5)
+
+
+def test_patched_vae_folds_pixels_and_keeps_every_rule():
+    """patch_size 2 (Wan 2.2's fold) with one 2x downsampling: 4x space, 2x time; chunked/tiled passes still agree."""
+    torch.manual_seed(0)
+    vae = VideoVAE(latent_channels=4, base_channels=8, channel_mult=[1, 2], num_res_blocks=1,
+                   temporal_downsample=[True], patch_size=2).eval()
+    assert (vae.temporal_factor, vae.spatial_factor) == (2, 4)
+    assert vae.encoder.conv_in.in_channels == 12 and vae.decoder.conv_out.out_channels == 12
+    x = torch.rand(1, 3, 9, 16, 24) * 2 - 1
+    folded = vae._fold(x)
+    assert folded.shape == (1, 12, 9, 8, 12) and torch.equal(vae._unfold(folded), x)
+    assert torch.equal(folded[0, :4, 0, 0, 0], torch.stack([x[0, 0, 0, 0, 0], x[0, 0, 0, 0, 1],
+                                                            x[0, 0, 0, 1, 0], x[0, 0, 0, 1, 1]]))
+    with torch.no_grad():
+        post = vae.encode(x)
+        assert post.mean.shape == (1, 4, 5, 4, 6) and vae.latent_frames(9) == 5 and vae.pixel_frames(5) == 9
+        recon = vae.decode(post.mean)
+        assert recon.shape == x.shape
+        assert (vae.encode(x, chunk_size=2).mean - post.mean).abs().max() <= 1e-4
+        assert (vae.decode(post.mean, chunk_size=2) - recon).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match=r"1 \+ 2k.*use 9 or 11 frames"):
+        vae.encode(torch.zeros(1, 3, 10, 16, 16))
+    with pytest.raises(ValueError, match=r"multiples of 4"):
+        vae.encode(torch.zeros(1, 3, 9, 18, 16))
+    with pytest.raises(ValueError, match="patch_size must be >= 1"):
+        VideoVAE(latent_channels=4, base_channels=8, channel_mult=[1, 2], temporal_downsample=[True], patch_size=0)

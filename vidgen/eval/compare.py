@@ -3,7 +3,9 @@
 Every checkpoint samples every prompt with the same seeds (so videos compare side by side), through
 `DiTPipeline`; each video is written with `save_sample` (`LABEL/NAME_sSEED.mp4` + contact-sheet `.png`) and a
 `.json` of its settings (as sample.py writes them), then scored on its uint8 frames: flicker and motion, CLIP
-score (with a local CLIP), I3D features for FVD (with a local I3D), and per prompt the diversity across seeds.
+score (with a local CLIP), I3D features for FVD (with a local I3D), per prompt the diversity across seeds, and
+with real clips grouped by caption, each video's scene distance to every caption's clips (caption match: is
+the nearest caption the video's own prompt?).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from vidgen.data.latent_stats import clip_batches
 from vidgen.errors import UserError
 from vidgen.eval.clip_score import CLIPScorer
 from vidgen.eval.fvd import I3DFeatures
-from vidgen.eval.video_metrics import diversity, flicker, motion
+from vidgen.eval.video_metrics import caption_distances, diversity, flicker, motion
 from vidgen.io.prompts import read_prompt_file
 from vidgen.io.video import save_sample, slug, to_uint8_video
 from vidgen.pipeline import DiTPipeline
@@ -93,6 +95,8 @@ class Scorers:
     clip: CLIPScorer | None = None
     i3d: I3DFeatures | None = None
     motion_stride: int = 4
+    scenes: dict[str, list[np.ndarray]] | None = None  # real clips (uint8 [T, H, W, 3]) per caption
+    scene_pool: int = 4
 
 
 @dataclass
@@ -159,6 +163,8 @@ def sample_checkpoint(pipe: DiTPipeline, label: str, prompts: list[dict[str, Any
                      "flicker": _nan_to_none(flicker(frames[j])),
                      "motion": _nan_to_none(motion(frames[j], scorers.motion_stride)),
                      "clip_score": scorers.clip.score(frames[j], item["prompt"]) if scorers.clip else None}
+            if scorers.scenes:
+                video.update(scene_scores(frames[j], item["prompt"], scorers.scenes, scorers.scene_pool))
             records[p]["videos"].append(video)
             pending.setdefault(p, []).append(frames[j])
             if len(pending[p]) == len(item["seeds"]):
@@ -168,6 +174,41 @@ def sample_checkpoint(pipe: DiTPipeline, label: str, prompts: list[dict[str, Any
     info = {"label": label, "path": str(pipe.info.get("source")), "global_step": pipe.info.get("global_step"),
             "ema_used": pipe.info.get("ema_used"), "size": [num_frames, height, width], "prompts": records}
     return info, (np.concatenate(feats) if feats else None)
+
+
+def scene_scores(frames: np.ndarray, prompt: str, scenes: dict[str, list[np.ndarray]], pool: int = 4
+                 ) -> dict[str, Any]:
+    """A video's scene distance to every caption's real clips, its nearest caption, and whether that is its prompt.
+
+    caption_match is None when the prompt is none of the captions; caption_margin (the nearest other caption's
+    distance minus the own caption's) is positive when the video is closer to its own caption's clips.
+    """
+    d = caption_distances(frames, scenes, pool)
+    nearest = min(d, key=d.__getitem__)
+    own = d.get(prompt.strip())
+    others = [v for c, v in d.items() if c != prompt.strip()]
+    return {"caption_distances": d, "nearest_caption": nearest,
+            "caption_match": None if own is None else float(nearest == prompt.strip()),
+            "caption_margin": None if own is None or not others else float(min(others) - own)}
+
+
+def real_scenes(shards: str, size: Sequence[int], max_clips: int, decoder: str = "decord"
+                ) -> dict[str, list[np.ndarray]]:
+    """Up to `max_clips` real clips (uint8 [T, H, W, 3], centre crops at size = (frames, height, width)) per caption."""
+    frames, height, width = (int(v) for v in size)
+    groups: dict[str, list[np.ndarray]] = {}
+    count = 0
+    for batch in clip_batches(str(shards), frames, (height, width), 4, decoder):
+        for video, caption in zip(to_uint8_video(batch["video"]), batch["caption"]):
+            if caption.strip() and count < max_clips:
+                groups.setdefault(caption.strip(), []).append(video)
+                count += 1
+        if count >= max_clips:
+            break
+    if not groups:
+        raise EvalError(f"real_shards={shards}: no captioned clip of {frames}x{height}x{width} found (clips smaller "
+                        "than the size are not upscaled)")
+    return groups
 
 
 def real_features(i3d: I3DFeatures, shards: str, size: Sequence[int], max_clips: int, batch_size: int = 4,
@@ -190,7 +231,8 @@ def aggregate(info: dict[str, Any]) -> dict[str, Any]:
         values = [v for v in values if v is not None]
         return float(np.mean(values)) if values else None
 
-    out: dict[str, Any] = {k: mean([v[k] for v in videos]) for k in ("clip_score", "flicker", "motion")}
+    out: dict[str, Any] = {k: mean([v.get(k) for v in videos])
+                           for k in ("clip_score", "flicker", "motion", "caption_match", "caption_margin")}
     out["diversity"] = mean([p.get("diversity") for p in info["prompts"]])
     out["videos"] = len(videos)
     return out

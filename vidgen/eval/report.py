@@ -31,6 +31,8 @@ METRICS = (
     ("flicker", "flicker", "lower", "8-bit levels"),
     ("motion", "motion", None, "8-bit levels"),
     ("diversity", "diversity", "higher", "8-bit levels"),
+    ("caption_match", "caption match", "higher", "fraction"),
+    ("caption_margin", "caption margin", "higher", "8-bit levels"),
 )
 DEFINITIONS = {
     "fvd": "Fréchet distance between Gaussians fitted (float64 mean, unbiased covariance) to I3D logits (400-d, "
@@ -45,6 +47,12 @@ DEFINITIONS = {
               "mean over videos. 0 for a still video; above flicker for smooth motion.",
     "diversity": "per prompt, mean over pairs of seeds of mean |video_i - video_j| (8-bit levels); mean over prompts. "
                  "0 when every seed gives the same video.",
+    "caption_match": "with real_shards: the share of videos whose nearest caption is their own prompt; a video's "
+                     "distance to a caption = the smallest scene distance to that caption's real clips (centre crops "
+                     "at the sample size), scene distance = mean |a - b| of 4x4-pixel block means over the frames, in "
+                     "8-bit levels (layout and colour, not texture). Prompts that are no real caption are left out.",
+    "caption_margin": "distance to the nearest other caption's clips minus distance to the own caption's clips, mean "
+                      "over videos (8-bit levels); > 0: videos sit closer to their own caption's clips.",
 }
 ARROWS = {"lower": "↓", "higher": "↑"}
 THUMB_HEIGHT = 112
@@ -142,7 +150,38 @@ def fvd_notes(results: dict[str, Any]) -> list[str]:
 def _video_caption(v: dict[str, Any]) -> str:
     parts = [f"{name} {fmt(v.get(key), key)}" for key, name in (("clip_score", "clip"), ("flicker", "flicker"),
                                                                  ("motion", "motion")) if v.get(key) is not None]
+    if v.get("caption_match") is not None:
+        parts.append("own caption nearest ✓" if v["caption_match"] else "other caption nearest ✗")
     return " · ".join(parts)
+
+
+def caption_columns(results: dict[str, Any]) -> list[str]:
+    """The real-clip captions some video was measured against, in first-seen order."""
+    cols: list[str] = []
+    for c in results["checkpoints"]:
+        for pr in c["prompts"]:
+            for v in pr["videos"]:
+                cols += [k for k in v.get("caption_distances") or {} if k not in cols]
+    return cols
+
+
+def _short(text: str, n: int = 48) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def caption_rows(results: dict[str, Any]) -> list[tuple[str, str, int, list[float | None], int | None, int]]:
+    """(checkpoint, prompt, seed, distance per caption column, own column or None, nearest column) per video."""
+    cols, rows = caption_columns(results), []
+    for c in results["checkpoints"]:
+        for pr in c["prompts"]:
+            for v in pr["videos"]:
+                d = v.get("caption_distances")
+                if not d:
+                    continue
+                values = [d.get(k) for k in cols]
+                own = cols.index(pr["prompt"].strip()) if pr["prompt"].strip() in cols else None
+                rows.append((c["label"], pr["prompt"], v["seed"], values, own, cols.index(v["nearest_caption"])))
+    return rows
 
 
 def write_markdown(out_dir: Path, results: dict[str, Any], plot_name: str | None) -> Path:
@@ -168,6 +207,19 @@ def write_markdown(out_dir: Path, results: dict[str, Any], plot_name: str | None
                 lines.append(f"| {c['label']} | {v['seed']} | {fmt(v.get('clip_score'))} | {fmt(v['flicker'])} | "
                              f"{fmt(v['motion'])} | {fmt(pr.get('diversity'))} | [mp4]({quote(v['mp4'])}) "
                              f"[sheet]({quote(v['png'])}) |")
+        lines.append("")
+    cols = caption_columns(results)
+    if cols:
+        lines += ["## Distance to each caption's real clips (8-bit levels; own caption in italics, nearest in bold)",
+                  "", "| checkpoint | prompt | seed | " + " | ".join(_short(k) for k in cols) + " |",
+                  "|" + "---|" * (3 + len(cols))]
+        for label, prompt, seed, values, own, nearest in caption_rows(results):
+            cells = []
+            for i, v in enumerate(values):
+                cell = fmt(v)
+                cell = f"**{cell}**" if i == nearest else cell
+                cells.append(f"_{cell}_" if i == own else cell)
+            lines.append(f"| {label} | {_short(prompt)} | {seed} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Definitions", ""] + [f"- **{k}**: {DEFINITIONS[k]}" for k, *_ in METRICS] + [""]
     lines += ["## Settings", ""] + [f"- {k}: `{v}`" for k, v in results["settings"].items()] + [""]
@@ -235,6 +287,26 @@ def _prompt_grid_html(out_dir: Path, results: dict[str, Any], p: int, embed_shee
     return out
 
 
+def _caption_table_html(results: dict[str, Any]) -> list[str]:
+    """Every video's distance to every caption's real clips: own caption shaded, nearest in bold."""
+    e, cols = html.escape, caption_columns(results)
+    if not cols:
+        return []
+    out = ["<h2>Distance to each caption's real clips</h2>",
+           "<p class='muted'>Scene distance in 8-bit levels (definition below); the video's own caption is shaded, "
+           "the nearest is bold. A video recognisably shows its prompt's scene when its own column is the bold one."
+           "</p><table><tr><th>checkpoint</th><th>prompt</th><th>seed</th>"]
+    out += [f"<th title='{e(k)}'>{e(_short(k, 32))}</th>" for k in cols] + ["</tr>"]
+    for label, prompt, seed, values, own, nearest in caption_rows(results):
+        out.append(f"<tr><td>{e(label)}</td><td title='{e(prompt)}'>{e(_short(prompt, 40))}</td><td>{seed}</td>")
+        for i, v in enumerate(values):
+            style = " style='background:#e6f4ea'" if i == own else ""
+            cell = fmt(v)
+            out.append(f"<td class='num'{style}>{'<b>' + cell + '</b>' if i == nearest else cell}</td>")
+        out.append("</tr>")
+    return out + ["</table>"]
+
+
 def write_html(out_dir: Path, results: dict[str, Any], chart: Image.Image | None, embed_sheets: bool = True) -> Path:
     """report.html, self-contained: every image is an inline base64 PNG; links to the mp4 files are relative."""
     e, s, ckpts = html.escape, results["settings"], results["checkpoints"]
@@ -249,6 +321,7 @@ def write_html(out_dir: Path, results: dict[str, Any], chart: Image.Image | None
         out.append(f"<img class='chart' alt='metrics per checkpoint' src='{png_data_uri(chart)}'>")
     for p in range(len(ckpts[0]["prompts"]) if ckpts else 0):
         out += _prompt_grid_html(out_dir, results, p, embed_sheets)
+    out += _caption_table_html(results)
     out.append("<h2>Definitions</h2><dl class='defs'>")
     out += [f"<dt>{e(t)}</dt><dd>{e(DEFINITIONS[k])}</dd>" for k, t, *_ in METRICS]
     out.append("</dl><h2>Settings</h2><table>")

@@ -3,6 +3,9 @@
 - flicker(v)   = mean over t in [0, T-2] and all pixels/channels of |v[t+1] - v[t]|
 - motion(v, k) = mean over t in [0, T-1-k] and all pixels/channels of |v[t+k] - v[t]|, k = min(stride, T-1)
 - diversity(V) = mean over pairs i < j of the seeds' videos of one prompt of mean |V_i - V_j|
+- scene_distance(a, b) = mean |pool(a) - pool(b)| over the first min(T_a, T_b) frames, pool = mean over
+  `pool` x `pool` pixel blocks (layout and colour, not fine texture or exact motion)
+- caption_distances(v, groups) = per caption, the smallest scene_distance from v to that caption's real clips
 
 flicker counts real motion too (it is the adjacent-frame difference); read it next to motion: smooth motion
 grows with the frame gap (motion > flicker), while frame-to-frame noise does not (motion ~ flicker). A static
@@ -12,10 +15,11 @@ video scores 0 on both. All three are NaN where undefined (one frame; fewer than
 from __future__ import annotations
 
 from itertools import combinations
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def _levels(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -48,3 +52,24 @@ def diversity(videos: Sequence[np.ndarray | torch.Tensor]) -> float:
     if not pairs:
         return float("nan")
     return float(np.mean([(xs[i] - xs[j]).abs().mean().item() for i, j in pairs]))
+
+
+def _pooled(frames: np.ndarray | torch.Tensor, pool: int) -> torch.Tensor:
+    """uint8 frames [T, H, W, 3] -> float64 [T, 3, H/pool, W/pool], each value the mean of a pool x pool block."""
+    x = _levels(frames).permute(0, 3, 1, 2)
+    return F.avg_pool2d(x, pool, ceil_mode=True) if pool > 1 else x
+
+
+def scene_distance(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, pool: int = 4) -> float:
+    """Mean |pool(a) - pool(b)| in 8-bit levels over the first min(T_a, T_b) frames of two same-size videos."""
+    n = min(len(a), len(b))
+    pa, pb = _pooled(a[:n], pool), _pooled(b[:n], pool)
+    if pa.shape != pb.shape:
+        raise ValueError(f"scene_distance needs videos of one frame size, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return float((pa - pb).abs().mean())
+
+
+def caption_distances(video: np.ndarray | torch.Tensor, groups: Mapping[str, Sequence[np.ndarray]],
+                      pool: int = 4) -> dict[str, float]:
+    """{caption: min over that caption's real clips of scene_distance(video, clip)} for every caption group."""
+    return {caption: min(scene_distance(video, clip, pool) for clip in clips) for caption, clips in groups.items()}

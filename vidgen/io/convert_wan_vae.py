@@ -67,6 +67,10 @@ def diffusers_config_from_vae(cfg: dict[str, Any], mean: list[float], std: list[
             raise WeightsError(f"{where}: config num_res_blocks={blocks} (one count per level) does not map to "
                                f"diffusers' {DIFFUSERS_CLASS} (one count for all levels)")
         blocks = int(blocks[0])
+    if int(cfg.get("patch_size", 1)) != 1:
+        raise WeightsError(f"{where}: config patch_size={cfg['patch_size']} (pixels folded into channels) has no "
+                           f"diffusers {DIFFUSERS_CLASS} equivalent in the Wan 2.1 layout; export a VAE with "
+                           "patch_size 1")
     mult, down = list(cfg.get("channel_mult", [1, 2, 4, 4])), list(cfg.get("temporal_downsample", [False, True, True]))
     in_ch = int(cfg.get("in_channels", 3))
     return {"base_dim": int(cfg.get("base_channels", 96)), "decoder_base_dim": None,

@@ -86,13 +86,15 @@ def _vae_geometry(cfg: DictConfig) -> tuple[int, int, tuple[int, int, int], str]
     """(temporal, spatial compression, DiT patch, where from) of the run's VAE (+ DiT), or None if unknown yet."""
     if cfg.task.name == "vae":
         vae = cfg.model.vae
-        t, s = compression(vae.get("channel_mult", (1, 2, 4, 4)), vae.get("temporal_downsample", (False, True, True)))
+        t, s = compression(vae.get("channel_mult", (1, 2, 4, 4)), vae.get("temporal_downsample", (False, True, True)),
+                       vae.get("patch_size", 1))
         return t, s, (1, 1, 1), "model.vae"
     path = cfg.task.module.get("vae_path")
     if not path or not (Path(path) / "config.json").is_file():
         return None  # the module reports a missing VAE folder itself, with the setting's name
     vae = read_config(path, VideoVAE)["config"]
-    t, s = compression(vae.get("channel_mult", (1, 2, 4, 4)), vae.get("temporal_downsample", (False, True, True)))
+    t, s = compression(vae.get("channel_mult", (1, 2, 4, 4)), vae.get("temporal_downsample", (False, True, True)),
+                       vae.get("patch_size", 1))
     patch = tuple(int(p) for p in cfg.model.dit.get("patch_size", (1, 2, 2)))
     return t, s, patch, f"the VAE at task.module.vae_path={path} and model.dit.patch_size={list(patch)}"
 
