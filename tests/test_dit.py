@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from vidgen.io.convert_wan_dit import convert_wan_state_dict, dit_config_from_diffusers
-from vidgen.models.dit import DiT
+from vidgen.models.dit import DiT, spatial_position_embedding
 from vidgen.models.layers import RotaryEmbedding3D, apply_rope
 from vidgen.io.pretrained import load_pretrained, save_pretrained
 
@@ -89,6 +89,23 @@ def test_rope_is_relative():
     t = torch.tensor([0.2, 0.6])
     with torch.no_grad():
         torch.testing.assert_close(model(z, t, ctx, frame_offset=9), model(z, t, ctx), atol=1e-5, rtol=1e-4)
+
+
+def test_abs_pos_tells_tokens_where_they_are():
+    """RoPE is relative: a constant latent gives the same output at every position; abs_pos breaks that symmetry."""
+    emb = spatial_position_embedding(2, 3, 4, 32)
+    assert emb.shape == (2 * 3 * 4, 32) and torch.equal(emb[:12], emb[12:])  # the same for every frame
+    assert len({tuple(row.tolist()) for row in emb[:12]}) == 12  # every (row, column) distinct
+    assert torch.equal(emb[5, :16], emb[6, :16]) and not torch.equal(emb[5, 16:], emb[6, 16:])  # same row
+    z = torch.ones(1, 4, 2, 6, 8)  # patch (1, 2, 2): 2 x 3 x 4 tokens, all equal
+    ctx = torch.randn(1, 5, 24, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = tiny_dit()(z, torch.tensor([0.5]), ctx)
+        placed = tiny_dit(abs_pos=True)(z, torch.tensor([0.5]), ctx)
+    patches = plain.unfold(3, 2, 2).unfold(4, 2, 2)  # [1, C, T, 3, 4, 2, 2]: one entry per token
+    assert (patches - patches[:, :, :, :1, :1]).abs().max() < 1e-5
+    placed_patches = placed.unfold(3, 2, 2).unfold(4, 2, 2)
+    assert (placed_patches[:, :, :, 1:, 1:] - placed_patches[:, :, :, :1, :1]).abs().amin() > 0
 
 
 def test_context_mask_ignores_padding():

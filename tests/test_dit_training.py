@@ -18,7 +18,8 @@ from vidgen.models.vae import VideoVAE
 from vidgen.conditioning import Conditioner, TextCondition
 from vidgen.io.fingerprint import fingerprint_folder
 from vidgen.pipeline import DiTPipeline
-from vidgen.training.dit_module import DiTModule, warmup_schedule
+from vidgen.training.dit_module import DiTModule
+from vidgen.training.schedule import warmup_schedule
 from vidgen.io.pretrained import save_pretrained
 
 LATENT_CHANNELS = 4

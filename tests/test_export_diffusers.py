@@ -86,7 +86,10 @@ def test_configs_without_a_diffusers_counterpart_are_refused_in_one_line(importe
     assert "text_mask=True does not map to diffusers' WanTransformer3DModel" in err
     assert not (tmp_path / "out").exists()
 
-    parts.parts["dit"].config["text_mask"] = False
+    parts.parts["dit"].config.update(text_mask=False, abs_pos=True)  # the demo's absolute positions: not in Wan
+    write_export(parts, tmp_path / "placed")
+    assert "abs_pos=True does not map" in run_cli(main, [str(tmp_path / "placed"), str(tmp_path / "out")], capsys)
+    parts.parts["dit"].config["abs_pos"] = False
     parts.adapters = {"lora": {"blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 32),
                                "blocks.0.attn1.to_q.lora_B.weight": torch.zeros(32, 2)}}
     write_export(parts, tmp_path / "lora")

@@ -38,6 +38,16 @@ from vidgen.models.layers import Attention, FeedForward, FP32LayerNorm, RotaryEm
 from vidgen.models.base import Configurable, capture_config
 
 
+def spatial_position_embedding(frames: int, height: int, width: int, dim: int, device: torch.device | None = None,
+                               ) -> torch.Tensor:
+    """Fixed 2D sin-cos embedding `[frames*height*width, dim]` (frame-major tokens): half the channels encode the
+    token's row, half its column (each as `timestep_embedding` of the index); the same for every frame."""
+    rows = timestep_embedding(torch.arange(height, device=device), dim // 2)  # [H, D/2]
+    cols = timestep_embedding(torch.arange(width, device=device), dim - dim // 2)  # [W, D - D/2]
+    grid = torch.cat([rows[:, None].expand(-1, width, -1), cols[None].expand(height, -1, -1)], dim=-1)
+    return grid.reshape(1, height * width, dim).expand(frames, -1, -1).reshape(frames * height * width, dim)
+
+
 class MLPEmbedder(nn.Module):
     """Two-layer MLP `[..., in] -> [..., out]` (diffusers' TimestepEmbedding / PixArtAlphaTextProjection)."""
 
@@ -107,7 +117,10 @@ class DiT(nn.Module, Configurable):
     freq_dim: sinusoid width for t; patch_size: (pt, ph, pw); cross_attn_norm / qk_norm / eps: as Wan 2.1;
     rope_theta: RoPE base; timestep_scale: t in [0, 1] is multiplied by this before the sinusoid (1000 = Wan);
     text_mask: whether the text padding mask reaches cross-attention (Wan 2.1: False, it attends to the zero
-    padding as diffusers' `WanTransformer3DModel` does);
+    padding as diffusers' `WanTransformer3DModel` does); abs_pos: also add a fixed 2D sin-cos embedding of each
+    token's (row, column) to the patch embeddings (as DiT / PixArt do; not in Wan 2.1, off by default). RoPE alone
+    is relative: from pure noise a small model trained briefly has no way to know where in the frame a token is,
+    and cannot lay out a scene (the CPU demo turns it on);
     gradient_checkpointing: recompute blocks in backward (also settable as an attribute).
     """
 
@@ -115,7 +128,7 @@ class DiT(nn.Module, Configurable):
                  num_heads: int = 6, ffn_dim: int | None = None, text_dim: int = 256, freq_dim: int = 256,
                  patch_size: Sequence[int] = (1, 2, 2), cross_attn_norm: bool = True, qk_norm: bool = True,
                  eps: float = 1e-6, rope_theta: float = 10000.0, timestep_scale: float = 1000.0,
-                 text_mask: bool = True, gradient_checkpointing: bool = False):
+                 text_mask: bool = True, abs_pos: bool = False, gradient_checkpointing: bool = False):
         super().__init__()
         self.config = capture_config(DiT, locals())
         self.in_channels = in_channels
@@ -125,7 +138,7 @@ class DiT(nn.Module, Configurable):
         if len(self.patch_size) != 3:
             raise ValueError(f"patch_size must be (pt, ph, pw), got {patch_size}")
         self.gradient_checkpointing = gradient_checkpointing
-        self.text_mask = text_mask
+        self.text_mask, self.abs_pos = text_mask, abs_pos
 
         self.rope = RotaryEmbedding3D(dim // num_heads, theta=rope_theta)
         self.patch_embedding = nn.Conv3d(in_channels, dim, kernel_size=self.patch_size, stride=self.patch_size)
@@ -179,6 +192,8 @@ class DiT(nn.Module, Configurable):
 
         x = self.patch_embedding(z)
         x = rearrange(x, "b d f h w -> b (f h w) d")  # tokens, frame-major
+        if self.abs_pos:
+            x = x + spatial_position_embedding(f, h, w, self.dim, x.device).to(x.dtype)
         temb, mod = self.condition_embedder.time(self.frame_times(t, b, frames))  # [B, F', D], [B, F', 6, D]
         context = self.condition_embedder.text_embedder(context)  # [B, L, D]
         if not self.text_mask:
