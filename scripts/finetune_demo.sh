@@ -3,10 +3,10 @@
 #   warm-graded copies of the demo clips (style set) + the demo DiT's own samples of the demo captions (prior set)
 #   -> LoRA fine-tune (experiment=finetune_lora, style:prior 3:1, trigger "sks") -> export
 #   -> vidgen.eval.before_after: base | tuned, with and without "sks" -> docs/finetune_grid.png + the two numbers.
-# Reuses the demo's outputs (runs/quickstart_dit/export, data/demo_shards); runs scripts/demo.sh first without them.
+# Reuses the demo's outputs (runs/demo_dit/export, data/demo_shards); runs scripts/demo.sh first without them.
 # A stage whose output exists is skipped (delete $DATA/finetune_* or $RUNS/finetune_demo to redo it).
 # Knobs (environment): PY, RUNS, DATA, FT_STEPS (400), SAMPLE_STEPS (25), PRIOR_SEEDS, EVAL_SEEDS, GRID_OUT,
-#   DIT_OVERRIDES (the base's model/dit + model/text sizes; default: experiment=quickstart_dit's).
+#   DIT_OVERRIDES (the base's model/dit + model/text sizes; default: experiment=demo_dit's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -17,11 +17,10 @@ SAMPLE_STEPS=${SAMPLE_STEPS:-25}
 PRIOR_SEEDS=${PRIOR_SEEDS:-100,101,102,103}   # not the evaluation seeds: prior_drift is measured on unseen noise
 EVAL_SEEDS=${EVAL_SEEDS:-0,1}
 GRID_OUT=${GRID_OUT:-docs/finetune_grid.png}
-# experiment=quickstart_dit's sizes (configs/experiment/quickstart_dit.yaml): the LoRA base must be built the same
-DIT_OVERRIDES=${DIT_OVERRIDES:-"model.dit.dim=256 model.dit.depth=4 model.dit.num_heads=4 model.dit.ffn_dim=1024 \
-model.dit.freq_dim=128 model.text.dim=64 model.text.depth=2 model.text.num_heads=2"}
+# experiment=demo_dit's model (configs/experiment/demo_dit.yaml): the LoRA base must be built the same
+DIT_OVERRIDES=${DIT_OVERRIDES:-"model/dit=quickstart model.text.dim=64 model.text.depth=2 model.text.num_heads=2"}
 SIZE="--num-frames 9 --height 48 --width 112 --steps $SAMPLE_STEPS --guidance 2.0"
-BASE=$RUNS/quickstart_dit/export
+BASE=$RUNS/demo_dit/export
 STYLE=$DATA/finetune_style_shards
 PRIOR=$DATA/finetune_prior_shards
 TUNED=$RUNS/finetune_demo
@@ -52,7 +51,7 @@ if [ ! -f "$TUNED/checkpoints/last.ckpt" ]; then
       num_threads=1 task.module.init_from="$BASE" $DIT_OVERRIDES \
       data.train_shards=null "data.sources=[{shards: $STYLE, weight: 3, trigger: sks}, {shards: $PRIOR, weight: 1}]" \
       "data.buckets=[[9,48,112]]" trainer.max_steps="$FT_STEPS" trainer.limit_val_batches=0 \
-      task.module.sample_posterior=false task.module.flow.base_shift=3.0 task.module.flow.base_tokens=64 \
+      task.module.sample_posterior=false task.module.flow.base_shift=1.0 task.module.flow.base_tokens=64 \
       task.module.optimizer.lr=1e-3 task.module.scheduler.warmup_steps=20
 fi
 
