@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from vidgen.training.callbacks import EMA, NonFiniteGuard
+from vidgen.training.callbacks import EMA, NonFiniteGuard, StepProgressBar
 from vidgen.training.checkpoint import AtomicCheckpointIO, load_checkpoint
 
 
@@ -81,3 +81,13 @@ def test_ema_tracks_and_round_trips_through_checkpoint(tmp_path):
     state = load_checkpoint(tmp_path / "ckpt" / "last.ckpt")
     assert torch.equal(state["callbacks"]["EMA"]["shadow"]["net.weight"], shadow)
     assert state["callbacks"]["EMA"]["num_updates"] == 8
+
+
+def test_progress_prints_plain_lines_every_5_percent_without_a_terminal():
+    bar = StepProgressBar()
+    lines = {step: bar.plain_line(step, 200, now=10.0 + step * 0.5) for step in range(1, 201)}  # 2 steps/s
+    printed = {step: line for step, line in lines.items() if line is not None}
+    assert sorted(printed) == [1, *range(10, 201, 10)]  # the first step, every 10 of 200, and the last
+    assert printed[100] == "step 100/200 (50%), 2.00 steps/s, ETA 50 s"
+    assert printed[200] == "step 200/200 (100%), 2.00 steps/s, ETA 0 s"
+    assert StepProgressBar().plain_line(5, -1) is None  # no max_steps: nothing to count against

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
+import time
 from typing import Any, Iterator
 
 import lightning.pytorch as pl
@@ -298,7 +300,33 @@ class PreemptionCheckpoint(pl.Callback):
 
 class StepProgressBar(pl.callbacks.RichProgressBar):
     """Rich progress bar whose label counts optimizer steps of `trainer.max_steps` (runs are paced by steps:
-    Lightning's "Epoch 74/-2" means nothing with max_epochs=-1)."""
+    Lightning's "Epoch 74/-2" means nothing with max_epochs=-1).
+
+    Where stdout is no terminal (a log file, CI) Rich draws nothing until the end, so every `log_every` of
+    max_steps (5%) it also prints one plain line: `step N/M (P%), S steps/s, ETA T s`.
+    """
+
+    def __init__(self, *args: Any, log_every: float = 0.05, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.log_every = log_every
+        self._plain_start: tuple[float, int] | None = None
+        self._plain_last = -1
+
+    def plain_line(self, step: int, max_steps: int, now: float | None = None) -> str | None:
+        """The plain progress line due at optimizer step `step` (None between lines or without max_steps)."""
+        if not max_steps or max_steps <= 0 or self.log_every <= 0:
+            return None
+        now = time.perf_counter() if now is None else now
+        if self._plain_start is None:
+            self._plain_start = (now, step)
+        every = max(1, round(max_steps * self.log_every))
+        if step // every == self._plain_last // every and step != max_steps:
+            return None
+        self._plain_last = step
+        t0, s0 = self._plain_start
+        rate = (step - s0) / (now - t0) if now > t0 and step > s0 else 0.0
+        eta = f", ETA {(max_steps - step) / rate:.0f} s" if rate > 0 else ""
+        return f"step {step}/{max_steps} ({100 * step / max_steps:.0f}%), {rate:.2f} steps/s{eta}"
 
     def _get_train_description(self, current_epoch: int) -> str:
         trainer = self.trainer
@@ -310,3 +338,7 @@ class StepProgressBar(pl.callbacks.RichProgressBar):
         if self.progress is not None and self.train_progress_bar_id is not None:
             self.progress.update(self.train_progress_bar_id,
                                  description=self._get_train_description(trainer.current_epoch))
+        if trainer.is_global_zero and not sys.stdout.isatty():
+            line = self.plain_line(trainer.global_step, trainer.max_steps)
+            if line is not None:
+                print(line, flush=True)
