@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     real: dict[tuple[int, int, int], np.ndarray] = {}  # I3D features of the real clips, per (frames, height, width)
-    scenes: dict[tuple[int, int, int], dict[str, list[np.ndarray]]] = {}  # real clips per caption, per size
+    scenes: dict[tuple[int, int, int], dict[str, list[torch.Tensor]]] = {}  # pooled real clips per caption, per size
     records = []
     total = len(ckpts) * sum(len(p["seeds"]) for p in prompts)
     with tqdm(total=total, desc="sampling", unit="video", dynamic_ncols=True) as bar:
@@ -73,7 +73,7 @@ def run(cfg: DictConfig) -> dict:
             if scorers.i3d is not None and size not in real:  # before sampling: a bad shard folder fails early
                 real[size] = real_features(scorers.i3d, cfg.real_shards, size, cfg.real_clips, decoder=cfg.decoder)
             if cfg.real_shards is not None and cfg.caption_match and size not in scenes:
-                scenes[size] = real_scenes(cfg.real_shards, size, cfg.real_clips, decoder=cfg.decoder)
+                scenes[size] = real_scenes(cfg.real_shards, size, cfg.real_clips, cfg.decoder, scorers.scene_pool)
             scorers.scenes = scenes.get(size)
             info, feats = sample_checkpoint(pipe, label, prompts, sampling, scorers, out_dir, progress=bar)
             info["aggregate"] = aggregate(info)

@@ -19,7 +19,7 @@ from test_dit_training import make_tiny_vae_export
 from vidgen.eval.clip_score import CLIPScorer
 from vidgen.eval.compare import EvalError, checkpoint_labels, read_prompts, scene_scores
 from vidgen.eval.fvd import I3DFeatures, feature_stats, frechet_distance, fvd_from_features, load_i3d
-from vidgen.eval.video_metrics import caption_distances, diversity, flicker, motion, scene_distance
+from vidgen.eval.video_metrics import caption_distances, diversity, flicker, motion, pool_blocks, scene_distance
 from vidgen.io.checkpoint import main as export_main
 from vidgen.io.video import read_video
 
@@ -241,7 +241,7 @@ def test_scene_distance_and_caption_match():
     assert scene_distance(red, blue) == pytest.approx(400 / 3)
     assert scene_distance(red[:2], blue) == pytest.approx(400 / 3)  # the first min(T_a, T_b) frames
     dim_red = (red // 2).astype(np.uint8)
-    scenes = {"a red room": [blue, dim_red, red], "a blue sky": [blue]}
+    scenes = {"a red room": [pool_blocks(c, 2) for c in (blue, dim_red, red)], "a blue sky": [pool_blocks(blue, 2)]}
     assert caption_distances(noisy_red, scenes, pool=2) == {"a red room": pytest.approx(0.0),
                                                               "a blue sky": pytest.approx(400 / 3)}
     own = scene_scores(noisy_red, "a red room ", scenes, pool=2)  # prompts compare stripped

@@ -25,7 +25,7 @@ from vidgen.data.latent_stats import clip_batches
 from vidgen.errors import UserError
 from vidgen.eval.clip_score import CLIPScorer
 from vidgen.eval.fvd import I3DFeatures
-from vidgen.eval.video_metrics import caption_distances, diversity, flicker, motion
+from vidgen.eval.video_metrics import caption_distances, diversity, flicker, motion, pool_blocks
 from vidgen.io.prompts import read_prompt_file
 from vidgen.io.video import save_sample, slug, to_uint8_video
 from vidgen.pipeline import DiTPipeline
@@ -95,7 +95,7 @@ class Scorers:
     clip: CLIPScorer | None = None
     i3d: I3DFeatures | None = None
     motion_stride: int = 4
-    scenes: dict[str, list[np.ndarray]] | None = None  # real clips (uint8 [T, H, W, 3]) per caption
+    scenes: dict[str, list[torch.Tensor]] | None = None  # real clips per caption, pooled (real_scenes)
     scene_pool: int = 4
 
 
@@ -176,9 +176,10 @@ def sample_checkpoint(pipe: DiTPipeline, label: str, prompts: list[dict[str, Any
     return info, (np.concatenate(feats) if feats else None)
 
 
-def scene_scores(frames: np.ndarray, prompt: str, scenes: dict[str, list[np.ndarray]], pool: int = 4
+def scene_scores(frames: np.ndarray, prompt: str, scenes: dict[str, list[torch.Tensor]], pool: int = 4
                  ) -> dict[str, Any]:
-    """A video's scene distance to every caption's real clips, its nearest caption, and whether that is its prompt.
+    """A video's scene distance to every caption's real clips (pooled: `real_scenes`), its nearest caption, and
+    whether that is its prompt.
 
     caption_match is None when the prompt is none of the captions; caption_margin (the nearest other caption's
     distance minus the own caption's) is positive when the video is closer to its own caption's clips.
@@ -192,16 +193,17 @@ def scene_scores(frames: np.ndarray, prompt: str, scenes: dict[str, list[np.ndar
             "caption_margin": None if own is None or not others else float(min(others) - own)}
 
 
-def real_scenes(shards: str, size: Sequence[int], max_clips: int, decoder: str = "decord"
-                ) -> dict[str, list[np.ndarray]]:
-    """Up to `max_clips` real clips (uint8 [T, H, W, 3], centre crops at size = (frames, height, width)) per caption."""
+def real_scenes(shards: str, size: Sequence[int], max_clips: int, decoder: str = "decord", pool: int = 4
+                ) -> dict[str, list[torch.Tensor]]:
+    """Up to `max_clips` real clips per caption (centre crops at size = (frames, height, width)), kept pooled
+    (`pool_blocks`: pool^2 times smaller than the frames, and pooled once for every video they are compared with)."""
     frames, height, width = (int(v) for v in size)
     groups: dict[str, list[np.ndarray]] = {}
     count = 0
     for batch in clip_batches(str(shards), frames, (height, width), 4, decoder):
         for video, caption in zip(to_uint8_video(batch["video"]), batch["caption"]):
             if caption.strip() and count < max_clips:
-                groups.setdefault(caption.strip(), []).append(video)
+                groups.setdefault(caption.strip(), []).append(pool_blocks(video, pool))
                 count += 1
         if count >= max_clips:
             break

@@ -54,22 +54,32 @@ def diversity(videos: Sequence[np.ndarray | torch.Tensor]) -> float:
     return float(np.mean([(xs[i] - xs[j]).abs().mean().item() for i, j in pairs]))
 
 
-def _pooled(frames: np.ndarray | torch.Tensor, pool: int) -> torch.Tensor:
-    """uint8 frames [T, H, W, 3] -> float64 [T, 3, H/pool, W/pool], each value the mean of a pool x pool block."""
-    x = _levels(frames).permute(0, 3, 1, 2)
+def pool_blocks(frames: np.ndarray | torch.Tensor, pool: int = 4) -> torch.Tensor:
+    """uint8 frames [T, H, W, 3] -> float32 [T, 3, H/pool, W/pool], each value the mean of a pool x pool block
+    (exact: a mean of at most 256 8-bit values fits float32). What scene distances compare."""
+    x = torch.as_tensor(np.asarray(frames)).float().permute(0, 3, 1, 2)
     return F.avg_pool2d(x, pool, ceil_mode=True) if pool > 1 else x
+
+
+def pooled_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean |a - b| (float64) over the first min(T_a, T_b) frames of two `pool_blocks` outputs of one size."""
+    n = min(len(a), len(b))
+    if a.shape[1:] != b.shape[1:]:
+        raise ValueError(f"scene_distance needs videos of one frame size, got pooled {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    return float((a[:n].double() - b[:n].double()).abs().mean())
 
 
 def scene_distance(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, pool: int = 4) -> float:
     """Mean |pool(a) - pool(b)| in 8-bit levels over the first min(T_a, T_b) frames of two same-size videos."""
-    n = min(len(a), len(b))
-    pa, pb = _pooled(a[:n], pool), _pooled(b[:n], pool)
-    if pa.shape != pb.shape:
-        raise ValueError(f"scene_distance needs videos of one frame size, got {tuple(a.shape)} and {tuple(b.shape)}")
-    return float((pa - pb).abs().mean())
+    return pooled_distance(pool_blocks(a, pool), pool_blocks(b, pool))
 
 
-def caption_distances(video: np.ndarray | torch.Tensor, groups: Mapping[str, Sequence[np.ndarray]],
+def caption_distances(video: np.ndarray | torch.Tensor, groups: Mapping[str, Sequence[torch.Tensor]],
                       pool: int = 4) -> dict[str, float]:
-    """{caption: min over that caption's real clips of scene_distance(video, clip)} for every caption group."""
-    return {caption: min(scene_distance(video, clip, pool) for clip in clips) for caption, clips in groups.items()}
+    """{caption: min over that caption's real clips of the scene distance to `video`} for every caption group.
+
+    groups hold the real clips already pooled (`pool_blocks(clip, pool)`): they are pooled once, not per video.
+    """
+    v = pool_blocks(video, pool)
+    return {caption: min(pooled_distance(v, clip) for clip in clips) for caption, clips in groups.items()}
