@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from vidgen.training.callbacks import EMA, NonFiniteGuard, StepProgressBar
+from vidgen.training.callbacks import EMA, FinalCheckpoint, NonFiniteGuard, StepProgressBar
 from vidgen.training.checkpoint import AtomicCheckpointIO, load_checkpoint
 
 
@@ -91,3 +91,20 @@ def test_progress_prints_plain_lines_every_5_percent_without_a_terminal():
     assert printed[100] == "step 100/200 (50%), 2.00 steps/s, ETA 50 s"
     assert printed[200] == "step 200/200 (100%), 2.00 steps/s, ETA 0 s"
     assert StepProgressBar().plain_line(5, -1) is None  # no max_steps: nothing to count against
+
+
+@pytest.mark.parametrize("callback, last_step", [(pl.callbacks.ModelCheckpoint, 3), (FinalCheckpoint, 5)])
+def test_the_final_steps_reach_last_ckpt(tmp_path, callback, last_step):
+    """every_n_train_steps=3, max_steps=5: Lightning's callback leaves last.ckpt at step 3; ours saves step 5."""
+    ckpt_cb = callback(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_last=True, save_top_k=2,
+                       monitor="step", mode="max")
+    _trainer(tmp_path, [ckpt_cb], steps=5).fit(Regression(), _loader())
+    assert load_checkpoint(tmp_path / "ckpt" / "last.ckpt")["global_step"] == last_step
+
+
+def test_final_checkpoint_writes_nothing_while_the_guard_holds_checkpoints(tmp_path):
+    """NaN losses from step 3 on: the final save does not write the suspect weights of the last step."""
+    ckpt_cb = FinalCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True, save_top_k=-1)
+    _trainer(tmp_path, [NonFiniteGuard(max_consecutive=10), ckpt_cb], steps=5).fit(Regression(nan_steps={3, 4}),
+                                                                                    _loader())
+    assert load_checkpoint(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 2

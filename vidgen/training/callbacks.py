@@ -277,6 +277,22 @@ class NonFiniteGuard(pl.Callback):
         self.streak_start = state_dict.get("streak_start")
 
 
+class FinalCheckpoint(pl.callbacks.ModelCheckpoint):
+    """Lightning's `ModelCheckpoint`, plus a save when training ends at a step it has not saved.
+
+    With `every_n_train_steps: 250` and `max_steps: 400`, Lightning's callback leaves `last.ckpt` at step 250: the
+    run's final 150 steps would reach no checkpoint and no export. This saves them (top-k and last) in
+    `on_train_end`, unless that step is already saved or `NonFiniteGuard` holds checkpoints back (it marks the step
+    as saved). A run stopped by an exception or SIGTERM does not reach `on_train_end` (`PreemptionCheckpoint`).
+    """
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step > self._last_global_step_saved and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+
+
 class PreemptionCheckpoint(pl.Callback):
     """On SIGTERM (cluster preemption, `scancel`), save `preempted.ckpt` after the current step, then stop.
 
