@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import hydra
+import numpy as np
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from vidgen.errors import one_line_errors
 import vidgen.config  # noqa: F401  (registers the config resolvers)
 from vidgen.io.prompts import read_prompt_file
-from vidgen.io.video import read_image, read_video, save_sample, slug
+from vidgen.io.video import VideoWriter, contact_sheet, read_image, read_video, save_sample, slug, to_uint8_video
 from vidgen.pipeline import DiTPipeline, SamplingError
 
 
@@ -66,13 +68,74 @@ def free_stem(folder: Path, stem: str) -> str:
     return candidate
 
 
+def prompt_schedule(cfg: DictConfig) -> list[tuple[float, str]]:
+    """mode=stream: [(at_seconds, prompt)] from `prompts=[{at, prompt}, ...]` or the single `prompt`."""
+    if (cfg.prompt is None) == (cfg.prompts is None):
+        raise SamplingError("mode=stream: give exactly one of prompt=... or prompts=[{at: 0, prompt: ...}, ...]")
+    if cfg.prompts is None:
+        return [(0.0, str(cfg.prompt))]
+    schedule = []
+    for i, item in enumerate(cfg.prompts):
+        if not hasattr(item, "get") or item.get("prompt") is None or item.get("at") is None:
+            raise SamplingError(f"prompts[{i}]={item}: expected {{at: SECONDS, prompt: TEXT}}")
+        schedule.append((float(item["at"]), str(item["prompt"])))
+    return schedule
+
+
+def run_stream(cfg: DictConfig, pipe: DiTPipeline, video, height: int, width: int, sampling: dict) -> Path:
+    """mode=stream: frames written to the mp4 as they are made; a contact sheet of one frame per second; json."""
+    schedule = prompt_schedule(cfg)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"mode": "stream", "prompts": [{"at": at, "prompt": p} for at, p in schedule], "seed": cfg.seed,
+                "seconds": cfg.seconds, "fps": cfg.fps, "height": height, "width": width, **sampling,
+                "attention": {k: pipe.dit.config.get(k) for k in ("attention", "chunk_frames", "window_chunks",
+                                                                   "sink_chunks")},
+                "ckpt": pipe.info.get("source"), "video": cfg.video, "device": str(pipe.device)}
+    stem = free_stem(out_dir, sample_name(0, {"prompt": schedule[0][1], "seed": cfg.seed}, settings))
+    total = max(1, round(cfg.seconds * cfg.fps))
+    thumbs, start = [], time.perf_counter()
+    first = None
+    bar = tqdm(total=total, unit="frame", desc="stream")
+    with VideoWriter(out_dir / f"{stem}.mp4", fps=cfg.fps) as writer:
+        for x, info in pipe.stream(schedule, cfg.seconds, cfg.fps, height, width, seed=cfg.seed,
+                                   video=video, video_frames=cfg.video_frames, **sampling):
+            frames = to_uint8_video(x[0])  # [f, H, W, 3]
+            writer.write(frames)
+            first = first if first is not None else time.perf_counter() - start
+            done = info["frames"]
+            thumbs += [frames[i] for i in range(len(frames)) if (done - len(frames) + i) % max(1, round(cfg.fps)) == 0]
+            bar.update(len(frames))
+            bar.set_postfix(chunk=info["chunk"], prompt=info["prompt"][:24])
+    bar.close()
+    elapsed = time.perf_counter() - start
+    settings.update({"frames": writer.frames, "wall_s": round(elapsed, 2), "frames_per_s": round(writer.frames / elapsed, 2),
+                     "first_frame_s": round(first, 3), "shift": info["shift"]})
+    contact_sheet(np.stack(thumbs), max_frames=len(thumbs), columns=10).save(out_dir / f"{stem}.png")
+    (out_dir / f"{stem}.json").write_text(json.dumps(settings, indent=2))
+    print(f"streamed {writer.frames} frames ({writer.frames / cfg.fps:.1f} s at {cfg.fps} fps) in {elapsed:.1f} s "
+          f"({writer.frames / elapsed:.1f} frames/s, first frame after {first:.2f} s) to {(out_dir / stem).resolve()}.mp4")
+    return out_dir / f"{stem}.mp4"
+
+
 def run(cfg: DictConfig) -> list[Path]:
     """Load the pipeline, generate every prompt in batches, write mp4 / png / json; returns the mp4 paths."""
-    prompts = read_prompts(cfg)
+    if cfg.mode not in ("window", "stream"):
+        raise SamplingError(f"mode={cfg.mode}: expected window or stream")
+    prompts = read_prompts(cfg) if cfg.mode == "window" else None
     image, video = read_media(cfg)
     pipe = DiTPipeline.from_pretrained(cfg.ckpt, ema=cfg.ema, device=cfg.device, vae=cfg.vae)
     num_frames, height, width = (cfg[k] if cfg[k] is not None else pipe.defaults.get(k)
                                  for k in ("num_frames", "height", "width"))
+    if cfg.strength is not None and cfg.num_frames is None and video is not None:  # remix the whole clip
+        num_frames = 1 + (video.shape[0] - 1) // pipe.vae.temporal_factor * pipe.vae.temporal_factor
+    if cfg.mode == "stream":
+        if None in (height, width):
+            raise SamplingError("height and width: not recorded with the checkpoint; set them")
+        if image is not None or cfg.strength is not None:
+            raise SamplingError("mode=stream: image= and strength= are window-mode settings (stream takes video= "
+                                "to extend)")
+        return [run_stream(cfg, pipe, video, height, width, sampling_settings(cfg, pipe.defaults))]
     if None in (num_frames, height, width):
         raise SamplingError("num_frames, height and width: not recorded with the checkpoint; set them")
     pipe.latent_size(num_frames, height, width)  # bad sizes stop here, before any model runs
@@ -83,7 +146,8 @@ def run(cfg: DictConfig) -> list[Path]:
     batches = [prompts[i:i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
     for b, batch in enumerate(tqdm(batches, desc="prompts", disable=len(batches) == 1)):
         out = pipe([p["prompt"] for p in batch], num_frames, height, width, seed=[p["seed"] for p in batch],
-                   image=image, video=video, video_frames=cfg.video_frames, progress=True, **sampling)
+                   image=image, video=video, video_frames=cfg.video_frames, strength=cfg.strength, progress=True,
+                   **sampling)
         for j, item in enumerate(batch):
             index = b * cfg.batch_size + j
             settings = {"prompt": item["prompt"], "seed": item["seed"], **out.settings, "fps": cfg.fps,

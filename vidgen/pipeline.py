@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from vidgen.diffusion.denoiser import Denoiser
 from vidgen.diffusion.flow import RectifiedFlow, num_latent_tokens
 from vidgen.diffusion.guidance import ClassifierFreeGuidance
 from vidgen.diffusion.sampling import SAMPLERS, generate
+from vidgen.diffusion.streaming import PromptSegment, stream_chunks
 from vidgen.io.checkpoint import check_vae_reference, read_parts
 from vidgen.io.lora import ADAPTER, merged
 from vidgen.io.pretrained import load_pretrained
@@ -155,9 +156,13 @@ class DiTPipeline:
     def __call__(self, prompts: Sequence[str], num_frames: int, height: int, width: int, steps: int = 50,
                  guidance: float = 5.0, negative_prompt: str = "", seed: int | Sequence[int] = 0,
                  sampler: str = "euler", shift: float | None = None, image: np.ndarray | None = None,
-                 video: np.ndarray | None = None, video_frames: int | None = None,
+                 video: np.ndarray | None = None, video_frames: int | None = None, strength: float | None = None,
                  progress: bool = False) -> SampleOutput:
-        """Generate one video per prompt; `seed` int (prompt i uses seed + i) or one per prompt."""
+        """Generate one video per prompt; `seed` int (prompt i uses seed + i) or one per prompt.
+
+        With `video`: extension (its first `video_frames` held clean), or with `strength` a remix: the clip's first
+        `num_frames` frames noised to t = strength and denoised under the prompt (1: text-to-video, 0: the clip).
+        """
         if sampler not in SAMPLERS:
             raise SamplingError(f"sampler={sampler}: expected one of {sorted(SAMPLERS)}")
         if steps < 1:
@@ -170,6 +175,15 @@ class DiTPipeline:
         shape = (len(prompts), self.dit.in_channels, t, h, w)
         if shift is None:  # the resolution-dependent shift the objective trained with (SD3 Sec. 5.3.2)
             shift = self.flow.shift_for(num_latent_tokens(shape, self.dit.patch_size))
+        start = None
+        if strength is not None:
+            if video is None:
+                raise SamplingError(f"strength={strength}: a remix needs video=CLIP")
+            if not 0.0 <= strength <= 1.0:
+                raise SamplingError(f"strength={strength}: expected a value in [0, 1] (0 = the clip, 1 = new video)")
+            if video.shape[0] < num_frames:
+                raise SamplingError(f"num_frames={num_frames}: the clip to remix has only {video.shape[0]} frames")
+            start, video = self.encode_frames(video[:num_frames], height, width), None
         z_clean, num_clean = self.clean_latents(image, video, video_frames, num_frames, height, width)
         clean = mask = None
         if num_clean:
@@ -180,11 +194,87 @@ class DiTPipeline:
         uncond = self.encode_prompts([negative_prompt]) if guider is not None else None
         with self.autocast():
             z = generate(self.denoiser, cond, shape, steps=steps, guider=guider, uncond=uncond, shift=shift,
-                         sampler=sampler, seed=seed, clean=clean, clean_mask=mask, progress=progress)
+                         sampler=sampler, seed=seed, clean=clean, clean_mask=mask, progress=progress, start=start,
+                         strength=1.0 if strength is None else strength)
         x = self.vae.decode(z.float(), normalized=True)  # [B, 3, T, H, W] in [-1, 1]
         settings = {"num_frames": num_frames, "height": height, "width": width, "latent_shape": list(shape[1:]),
                     **self.fit_note(image if image is not None else video, num_clean, height, width),
                     "steps": steps, "guidance": guidance, "negative_prompt": negative_prompt, "sampler": sampler,
-                    "shift": float(shift), "num_clean_latent_frames": num_clean}
+                    "shift": float(shift), "num_clean_latent_frames": num_clean,
+                    **({"remix_strength": strength} if strength is not None else {})}
         return SampleOutput(x, z, settings)
+
+    # ------------------------------------------------------------------ streaming (causal DiT)
+    def latent_frame_of(self, pixel_frame: int) -> int:
+        """The latent frame that holds pixel frame `pixel_frame` (causal VAE: frame 0 alone, then groups of 4)."""
+        return -(-pixel_frame // self.vae.temporal_factor)
+
+    @torch.no_grad()
+    def stream(self, prompts: Sequence[tuple[float, str]], seconds: float, fps: float, height: int, width: int,
+               steps: int = 25, guidance: float = 5.0, negative_prompt: str = "", seed: int = 0,
+               sampler: str = "euler", shift: float | None = None, video: np.ndarray | None = None,
+               video_frames: int | None = None) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        """Stream `seconds` of video at `fps` with a causal DiT: yields (frames `[1, 3, f, H, W]` in [-1, 1], info)
+        chunk by chunk, decoded through the VAE's causal cache, so nothing grows with length.
+
+        prompts: `[(at_seconds, prompt), ...]`, the first at 0; at a later `at` the text switches with the KV cache
+        re-filled (`vidgen.diffusion.streaming`). video: a clip to extend (its first `video_frames` frames, whole
+        chunks of latents, are the stream's start; `seconds` counts from the clip's start). info: {"chunk",
+        "frames" so far, "prompt"}.
+        """
+        if not getattr(self.dit, "causal", False):
+            raise SamplingError("mode=stream: this checkpoint's DiT has attention=full (bidirectional over one "
+                                "window); streaming needs a causal DiT (e.g. experiment=quickstart_stream)")
+        if sampler not in SAMPLERS:
+            raise SamplingError(f"sampler={sampler}: expected one of {sorted(SAMPLERS)}")
+        prompts = sorted(((float(at), str(p)) for at, p in prompts), key=lambda a: a[0])
+        if not prompts or prompts[0][0] != 0.0:
+            raise SamplingError("prompts: the schedule must start with a prompt at 0 s")
+        if not seconds > 0 or not fps > 0:
+            raise SamplingError(f"seconds={seconds}, fps={fps}: both must be positive")
+        cf = self.dit.chunk_frames
+        _, h, w = self.latent_size(1, height, width)
+        total = max(1, round(seconds * fps))  # pixel frames
+        num_chunks = -(-(self.latent_frame_of(total - 1) + 1) // cf)
+        context = None
+        if video is not None:
+            frames = video_frames or 1 + (video.shape[0] - 1) // self.vae.temporal_factor * self.vae.temporal_factor
+            try:
+                lat = self.vae.latent_frames(frames)
+            except ValueError as e:
+                raise SamplingError(f"video_frames={frames}: {e}") from None
+            lat -= lat % cf
+            if lat < 1 or video.shape[0] < frames:
+                raise SamplingError(f"video_frames={frames}: needs at least one chunk ({cf} latent frames) and at "
+                                    f"most the {video.shape[0]} frames of the given video")
+            context = self.encode_frames(video[:self.vae.pixel_frames(lat)], height, width)
+        try:
+            guider = ClassifierFreeGuidance(guidance) if guidance != 1.0 else None
+        except ValueError as e:
+            raise SamplingError(str(e)) from None
+        uncond = self.encode_prompts([negative_prompt]) if guider is not None else None
+        segments = [PromptSegment(self.latent_frame_of(round(at * fps)) // cf, self.encode_prompts([p]), uncond)
+                    for at, p in prompts]
+        starts = [seg.start_chunk for seg in segments]
+        shape = (1, self.dit.in_channels, cf, h, w)
+        if shift is None:  # as trained: the resolution shift of a clip of window_chunks chunks
+            shift = self.flow.shift_for(num_latent_tokens(shape, self.dit.patch_size) * (self.dit.window_chunks or 1))
+        n0 = 0 if context is None else context.shape[2] // cf
+
+        def latents() -> Iterator[torch.Tensor]:
+            if context is not None:
+                yield from context.split(cf, dim=2)
+            with self.autocast():
+                for _, z in stream_chunks(self.denoiser, segments, num_chunks - n0, shape, steps=steps, guider=guider,
+                                          shift=shift, sampler=sampler, seed=seed, context=context):
+                    yield z.float()
+
+        done = 0
+        for chunk, x in enumerate(self.vae.decode_stream(latents(), normalized=True)):
+            x = x[:, :, : total - done]
+            done += x.shape[2]
+            prompt = prompts[max(i for i, s in enumerate(starts) if s <= chunk or i == 0)][1]
+            yield x, {"chunk": chunk, "frames": done, "prompt": prompt, "context": chunk < n0, "shift": float(shift)}
+            if done >= total:
+                return
 

@@ -53,17 +53,21 @@ class RectifiedFlow:
 
     Args: logit_mean, logit_std: logit-normal t density; base_shift, base_tokens, min_shift, max_shift: the
     resolution-dependent shift `s(n)` above (base_shift=1 with no token dependence when base_tokens=None);
-    per_frame_t: draw an independent t per latent frame (Diffusion Forcing) instead of one per sample.
+    per_frame_t: draw an independent t per latent frame (Diffusion Forcing) instead of one per sample;
+    t_chunk: with per_frame_t, frames share one t in groups of this many (a causal DiT's `chunk_frames`).
     The network call, the loss and the clean-frame rule live in `vidgen.diffusion.denoiser.Denoiser`.
     """
 
     def __init__(self, logit_mean: float = 0.0, logit_std: float = 1.0, base_shift: float = 1.0,
                  base_tokens: int | None = 256, min_shift: float = 1.0, max_shift: float = 8.0,
-                 per_frame_t: bool = False):
+                 per_frame_t: bool = False, t_chunk: int = 1):
         self.logit_mean, self.logit_std = logit_mean, logit_std
         self.base_shift, self.base_tokens = base_shift, base_tokens
         self.min_shift, self.max_shift = min_shift, max_shift
         self.per_frame_t = per_frame_t
+        if t_chunk < 1:
+            raise ValueError(f"t_chunk={t_chunk}: expected >= 1 latent frame")
+        self.t_chunk = int(t_chunk)
 
     # ---------------------------------------------------------------- the convention (written once)
     @staticmethod
@@ -97,12 +101,13 @@ class RectifiedFlow:
 
     def sample_t(self, batch: int, frames: int = 1, num_tokens: int | None = None,
                  generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Shifted logit-normal training times: `[B]`, or `[B, frames]` when `per_frame_t`."""
-        shape = (batch, frames) if self.per_frame_t else (batch,)
+        """Shifted logit-normal training times: `[B]`, or `[B, frames]` when `per_frame_t` (one per `t_chunk`)."""
+        shape = (batch, -(-frames // self.t_chunk)) if self.per_frame_t else (batch,)
         u = torch.randn(shape, generator=generator, device=generator.device if generator is not None else device)
         u = torch.sigmoid(self.logit_mean + self.logit_std * u)
         shift = self.shift_for(num_tokens) if num_tokens is not None else self.base_shift
-        return time_shift(u, shift).to(device)
+        t = time_shift(u, shift).to(device)
+        return t.repeat_interleave(self.t_chunk, dim=1)[:, :frames] if self.per_frame_t else t
 
 
 def num_latent_tokens(shape: Sequence[int], patch_size: Sequence[int] = (1, 2, 2)) -> int:

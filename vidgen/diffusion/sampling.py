@@ -104,13 +104,17 @@ def generate(denoiser: Denoiser, cond: dict[str, Any], shape: Sequence[int], ste
              guider: ClassifierFreeGuidance | None = None, uncond: dict[str, Any] | None = None,
              shift: float | None = None, sampler: str = "euler", seed: int | Sequence[int] = 0,
              clean: torch.Tensor | None = None, clean_mask: torch.Tensor | None = None, progress: bool = False,
-             callback: Callback | None = None) -> torch.Tensor:
+             callback: Callback | None = None, start: torch.Tensor | None = None,
+             strength: float = 1.0) -> torch.Tensor:
     """Sample latents z0 `[B, C, T, H, W]` = `shape`: seeded noise -> shifted schedule -> sampler over `denoiser`.
 
     cond / uncond: the conditioner's keyword tensors (batch B or 1); `guider` (e.g. CFG) combines them, None
     or uncond None: the conditional branch alone. shift None: the resolution-dependent `flow.shift_for(tokens)`
     the denoiser trained with. clean `[B|1, C, T, H, W]` + clean_mask bool `[B|1, T]`: frames given
     (image-to-video, extension) and returned unchanged. seed: int (sample i uses seed + i) or one per sample.
+    start `[B|1, C, T, H, W]` + strength in [0, 1] (remix, SDEdit, Meng et al. 2022): start noised to t = strength
+    with the seeded noise, then only the schedule's steps below it; strength 1 is text-to-video from the same
+    noise, strength 0 returns `start`.
     Runs in the network's current mode, on its device; wrap in autocast for bf16.
     """
     if sampler not in SAMPLERS:
@@ -134,10 +138,18 @@ def generate(denoiser: Denoiser, cond: dict[str, Any], shape: Sequence[int], ste
             raise ValueError(f"clean latents {list(clean.shape)} do not match shape {list(shape)}")
         x = torch.where(clean_mask.expand(b, shape[2])[:, None, :, None, None], clean.expand_as(x), x)
 
+    sigmas = timesteps(steps, shift).to(device)
+    if start is not None and strength < 1.0:
+        if not strength >= 0.0:
+            raise ValueError(f"strength={strength}: expected a value in [0, 1]")
+        x = denoiser.flow.add_noise(start.to(device=device, dtype=x.dtype).expand_as(x), x,
+                                    torch.full((b,), float(strength), device=device))
+        sigmas = torch.cat([sigmas.new_tensor([strength]), sigmas[sigmas < strength]])
+
     def fn(x_: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
         return denoiser(x_, t_, cond, clean=clean, clean_mask=clean_mask, uncond=uncond, guider=guider)
 
-    return SAMPLERS[sampler](fn, x, timesteps(steps, shift).to(device), callback=callback, progress=progress)
+    return SAMPLERS[sampler](fn, x, sigmas, callback=callback, progress=progress)
 
 
 def _batch(cond: dict[str, Any]) -> int:

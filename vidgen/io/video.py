@@ -53,6 +53,50 @@ def encode_video(frames: np.ndarray, fps: float, crf: int = 18, codec: str = "li
     return buf.getvalue()
 
 
+class VideoWriter:
+    """Write an H.264 mp4 frame batch by frame batch, as frames are made (memory does not grow with length).
+
+        with VideoWriter(path, fps) as out:
+            out.write(frames)            # uint8 [T, H, W, 3], any number of calls; odd sides cropped by one pixel
+    Frames go to `PATH.partial` and the file is renamed to PATH when closed without an error (no half-written mp4
+    under the final name); `frames` counts what was written.
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: float, crf: int = 18):
+        self.path, self.fps, self.crf = Path(path), fps, crf
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.frames = 0
+        self._container = self._stream = None
+
+    def __enter__(self) -> VideoWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._container = av.open(str(self.partial), mode="w", format="mp4")
+        return self
+
+    def write(self, frames: np.ndarray) -> None:
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"VideoWriter.write expects uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
+        frames = frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]
+        if self._stream is None:
+            self._stream = self._container.add_stream("libx264", rate=_fps_fraction(self.fps))
+            self._stream.height, self._stream.width = frames.shape[1:3]
+            self._stream.pix_fmt = "yuv420p"
+            self._stream.options = {"crf": str(self.crf), "preset": "medium"}
+        for frame in frames:
+            for packet in self._stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                self._container.mux(packet)
+        self.frames += len(frames)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._stream is not None:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+        self._container.close()
+        if exc_type is None and self.frames:
+            os.replace(self.partial, self.path)
+
+
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: int = 18) -> Path:
     """Write RGB frames [T, H, W, 3] uint8 to an H.264 mp4 file (odd sides are cropped by one pixel)."""
     frames = np.asarray(frames)

@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from vidgen.models.layers import Attention, FeedForward, FP32LayerNorm, RotaryEmbedding3D, gate, modulate, \
     timestep_embedding
 from vidgen.models.base import Configurable, capture_config
+from vidgen.models.causal_attention import ATTENTION_MODES, KVCache, LayerKV, block_causal_mask
 
 
 def spatial_position_embedding(frames: int, height: int, width: int, dim: int, device: torch.device | None = None,
@@ -95,12 +96,15 @@ class DiTBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None,
-                mod: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
-        """x `[B, F*S, D]`, context `[B, L, D]`, mod `[B, F, 6, D]` (F = 1: one t per sample), rope `[F*S, Dh/2]`."""
+                mod: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, cache: LayerKV | None = None) -> torch.Tensor:
+        """x `[B, F*S, D]`, context `[B, L, D]`, mod `[B, F, 6, D]` (F = 1: one t per sample), rope `[F*S, Dh/2]`;
+        attn_mask `[F*S, F*S]` (block-causal) and cache (earlier chunks' keys/values) for a causal DiT."""
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.scale_shift_table[:, None] + mod).unbind(dim=2)
         # Residual stream and modulation in float32 (as Wan), sub-layers in the input dtype.
         h = modulate(self.norm1(x.float()), shift_sa, scale_sa).type_as(x)
-        x = (x.float() + gate(self.attn1(h, rope=(rope_cos, rope_sin)).float(), gate_sa)).type_as(x)
+        attn = self.attn1(h, rope=(rope_cos, rope_sin), attn_mask=attn_mask, cache=cache)
+        x = (x.float() + gate(attn.float(), gate_sa)).type_as(x)
         h = self.norm2(x.float()).type_as(x)
         x = x + self.attn2(h, context, mask=context_mask)
         h = modulate(self.norm3(x.float()), shift_ff, scale_ff).type_as(x)
@@ -121,6 +125,10 @@ class DiT(nn.Module, Configurable):
     token's (row, column) to the patch embeddings (as DiT / PixArt do; not in Wan 2.1, off by default). RoPE alone
     is relative: from pure noise a small model trained briefly has no way to know where in the frame a token is,
     and cannot lay out a scene (the CPU demo turns it on);
+    attention: "full" (bidirectional, Wan 2.1) or "causal": block-causal over chunks of `chunk_frames` latent
+    frames, each chunk seeing itself, the `window_chunks - 1` chunks before it (None: all) and the first
+    `sink_chunks` chunks (`vidgen.models.causal_attention`); a causal DiT streams with a `KVCache`
+    (`forward(kv_cache=...)`, `new_kv_cache()`). The mode is part of the config, so checkpoints record it.
     gradient_checkpointing: recompute blocks in backward (also settable as an attribute).
     """
 
@@ -128,9 +136,19 @@ class DiT(nn.Module, Configurable):
                  num_heads: int = 6, ffn_dim: int | None = None, text_dim: int = 256, freq_dim: int = 256,
                  patch_size: Sequence[int] = (1, 2, 2), cross_attn_norm: bool = True, qk_norm: bool = True,
                  eps: float = 1e-6, rope_theta: float = 10000.0, timestep_scale: float = 1000.0,
-                 text_mask: bool = True, abs_pos: bool = False, gradient_checkpointing: bool = False):
+                 text_mask: bool = True, abs_pos: bool = False, attention: str = "full", chunk_frames: int = 1,
+                 window_chunks: int | None = None, sink_chunks: int = 0, gradient_checkpointing: bool = False):
         super().__init__()
         self.config = capture_config(DiT, locals())
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention={attention!r}: expected one of {ATTENTION_MODES}")
+        if chunk_frames < 1 or chunk_frames % int(patch_size[0]):
+            raise ValueError(f"chunk_frames={chunk_frames}: expected a positive multiple of the temporal patch "
+                             f"{patch_size[0]}")
+        if window_chunks is not None and window_chunks < 1:
+            raise ValueError(f"window_chunks={window_chunks}: expected >= 1 (or null: every earlier chunk)")
+        self.attention, self.chunk_frames = attention, int(chunk_frames)
+        self.window_chunks, self.sink_chunks = window_chunks, int(sink_chunks)
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.dim, self.num_heads = dim, num_heads
@@ -177,11 +195,35 @@ class DiT(nn.Module, Configurable):
             raise ValueError(f"per-frame t must be [B, T] = [{batch}, {frames}], got {list(t.shape)}")
         return t[:, :: self.patch_size[0]]  # frames in one temporal patch share a token, hence one t
 
+    @property
+    def causal(self) -> bool:
+        return self.attention == "causal"
+
+    def new_kv_cache(self) -> KVCache:
+        """An empty `KVCache` for streaming this (causal) DiT chunk by chunk."""
+        if not self.causal:
+            raise ValueError("a KV cache needs a causal DiT (attention=causal); this one attends bidirectionally")
+        return KVCache(len(self.blocks), self.window_chunks, self.sink_chunks)
+
+    def self_attention_mask(self, frames: int, tokens_per_frame: int, device: torch.device) -> torch.Tensor | None:
+        """The block-causal mask over `frames` token frames (None for full attention)."""
+        if not self.causal:
+            return None
+        per_chunk = self.chunk_frames // self.patch_size[0]
+        if frames % per_chunk:
+            raise ValueError(f"{frames * self.patch_size[0]} latent frames are not whole chunks of chunk_frames="
+                             f"{self.chunk_frames}")
+        return block_causal_mask(frames // per_chunk, per_chunk * tokens_per_frame, self.window_chunks,
+                                 self.sink_chunks, device)
+
     def forward(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                context_mask: torch.Tensor | None = None, frame_offset: int = 0) -> torch.Tensor:
+                context_mask: torch.Tensor | None = None, frame_offset: int = 0,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
         """Velocity `[B, C_out, T, H, W]` of latent z `[B, C, T, H, W]` at flow time t `[B]` or `[B, T]`.
 
         `frame_offset` shifts the temporal RoPE positions (a window that starts at latent frame `frame_offset`).
+        `kv_cache` (causal DiT): z is ONE chunk (`chunk_frames` latent frames) at `frame_offset`; it attends to the
+        cached earlier chunks and to itself, and leaves its keys/values pending for `kv_cache.commit`.
         """
         b, c, frames, height, width = z.shape
         pt, ph, pw = self.patch_size
@@ -199,12 +241,22 @@ class DiT(nn.Module, Configurable):
         if not self.text_mask:
             context_mask = None
         rope_cos, rope_sin = self.rope(f, h, w, offset=(frame_offset // pt, 0, 0), device=z.device)
+        if kv_cache is not None:
+            if not self.causal:
+                raise ValueError("kv_cache given to a DiT with attention=full: only a causal DiT streams")
+            if frames != self.chunk_frames:
+                raise ValueError(f"with a kv_cache z must be one chunk of {self.chunk_frames} latent frame(s), "
+                                 f"got {frames}")
+            attn_mask, caches = None, kv_cache.layers
+        else:
+            attn_mask, caches = self.self_attention_mask(f, h * w, z.device), [None] * len(self.blocks)
 
-        for block in self.blocks:
+        for block, cache in zip(self.blocks, caches):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, context, context_mask, mod, rope_cos, rope_sin, use_reentrant=False)
+                x = checkpoint(block, x, context, context_mask, mod, rope_cos, rope_sin, attn_mask, cache,
+                               use_reentrant=False)
             else:
-                x = block(x, context, context_mask, mod, rope_cos, rope_sin)
+                x = block(x, context, context_mask, mod, rope_cos, rope_sin, attn_mask, cache)
 
         shift, scale = (self.scale_shift_table[:, None] + temb[:, :, None]).unbind(dim=2)  # [B, F', D] each
         x = modulate(self.norm_out(x.float()), shift, scale).type_as(x)

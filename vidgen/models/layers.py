@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from vidgen.models.causal_attention import LayerKV
+
 
 class FP32LayerNorm(nn.LayerNorm):
     """LayerNorm evaluated in float32 and cast back: `[..., D] -> [..., D]`."""
@@ -141,7 +143,10 @@ class Attention(nn.Module):
         self.norm_k = nn.RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, attn_mask: torch.Tensor | None = None,
+                cache: LayerKV | None = None) -> torch.Tensor:
+        """`mask`: key padding `[B, L]`; `attn_mask`: `[N, N]` bool over self-attention tokens (block-causal);
+        `cache`: the keys/values of earlier chunks (`vidgen.models.causal_attention`), prepended to this input's."""
         kv = x if context is None else context
         q = self.norm_q(self.to_q(x))
         k = self.norm_k(self.to_k(kv))
@@ -149,7 +154,8 @@ class Attention(nn.Module):
         q, k, v = (rearrange(a, "b n (h d) -> b h n d", h=self.num_heads) for a in (q, k, v))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        attn_mask = None
+        if cache is not None:
+            k, v = cache.attend(k, v)
         if mask is not None:
             # A row with no valid key would softmax over nothing (NaN): let it see every key instead.
             mask = mask | ~mask.any(dim=-1, keepdim=True)

@@ -14,7 +14,7 @@ With the `wan21` config the module tree and state-dict keys equal diffusers' `Au
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from einops import rearrange
@@ -218,9 +218,21 @@ class VideoVAE(nn.Module, Configurable):
             return self._unfold(self.decoder(self.post_quant_conv(z)))
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 latent frame, got {chunk_size}")
+        return torch.cat(list(self.decode_stream(z.split(chunk_size, dim=2), clamp=False)), dim=2)
+
+    def decode_stream(self, chunks: Iterable[torch.Tensor], normalized: bool = False,
+                      clamp: bool = True) -> Iterator[torch.Tensor]:
+        """Latent chunks `[B, C, k_i, h, w]` in order -> their pixel frames, one chunk at a time, through one
+        `CausalCache` (the first chunk's first latent frame gives 1 frame, every other latent frame 4): the
+        frames equal those of decoding the concatenated chunks whole, and memory does not grow with their number.
+        """
         cache = CausalCache()
-        outs = [self.decoder(self.post_quant_conv(zc), cache) for zc in z.split(chunk_size, dim=2)]
-        return self._unfold(torch.cat(outs, dim=2))
+        for z in chunks:
+            if normalized:
+                mean, std = self._stats(z)
+                z = z * std + mean
+            x = self._unfold(self.decoder(self.post_quant_conv(z), cache))
+            yield x.clamp(-1.0, 1.0) if clamp else x
 
     def _fold(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels [B, c, T, H, W] -> patches [B, c*p*p, T, H/p, W/p] (identity for p = 1)."""
