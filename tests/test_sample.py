@@ -166,3 +166,68 @@ def test_prompts_file_jsonl_with_seeds(trained, tmp_path):
     cfg.merge_with({"prompts_file": None, "prompt": "bunny", "seed": 2, "batch_size": 1})
     other_seed = sample_run(cfg)[0]
     assert other_seed.name.startswith("000_bunny_s2_") and other_seed.name[-10:] == written[1].name[-10:]
+
+
+@pytest.fixture(scope="module")
+def trained_causal(tmp_path_factory, demo_shards, tiny_vae_dir) -> Path:
+    """The tiny DiT trained causal (chunks of 1 latent frame, window 2 + sink 1) with Diffusion Forcing; exported."""
+    tmp = tmp_path_factory.mktemp("causal_run")
+    out = run("train.py", "experiment=quickstart_dit", f"paths.root_dir={tmp}", f"hydra.run.dir={tmp}/run",
+              f"data.train_shards={demo_shards}", "data.buckets=[[9,32,32]]", f"task.module.vae_path={tiny_vae_dir}",
+              "model.dit.dim=32", "model.dit.depth=1", "model.dit.num_heads=2", "model.dit.ffn_dim=64",
+              "model.dit.freq_dim=32", "model.text.dim=32", "model.text.depth=1", "trainer.max_steps=2",
+              "model.dit.attention=causal", "model.dit.window_chunks=2", "model.dit.sink_chunks=1",
+              "task.module.flow.per_frame_t=true", "task.module.cond_prob=0.5", "trainer.limit_val_batches=0",
+              "trainer.enable_progress_bar=false", "~callbacks.sample_logging", "logger=none")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert export_main([str(tmp / "run" / "checkpoints" / "last.ckpt"), str(tmp / "export")]) == 0
+    return tmp / "export"
+
+
+def test_stream_writes_a_long_video_with_a_prompt_switch(trained_causal, tmp_path):
+    """sample.py mode=stream: 3 s at 8 fps (24 frames), the prompt switching at 1.5 s; mp4, sheet, settings."""
+    meta = read_parts(trained_causal).parts["dit"].config
+    assert (meta["attention"], meta["window_chunks"], meta["sink_chunks"]) == ("causal", 2, 1)  # recorded
+    out = run("sample.py", f"ckpt={trained_causal}", "mode=stream", "seconds=3", "fps=8", "height=32", "width=32",
+              "steps=2", "prompts=[{at: 0, prompt: bikes}, {at: 1.5, prompt: carphone}]", f"out_dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (mp4,) = tmp_path.glob("*.mp4")
+    frames, fps = read_video(mp4)
+    assert frames.shape == (24, 32, 32, 3) and fps == 8
+    settings = json.loads(mp4.with_suffix(".json").read_text())
+    assert settings["frames"] == 24 and settings["prompts"][1] == {"at": 1.5, "prompt": "carphone"}
+    assert settings["attention"]["attention"] == "causal" and mp4.with_suffix(".png").is_file()
+    assert "frames/s" in out.stdout and not list(tmp_path.glob("*.partial"))
+
+
+def test_stream_is_refused_for_a_bidirectional_dit_and_bad_schedules(trained, trained_causal, tmp_path):
+    from sample import run as sample_run
+
+    base = OmegaConf.load(ROOT / "configs" / "sample.yaml")
+    base.merge_with({"out_dir": str(tmp_path), "mode": "stream", "seconds": 1, "fps": 8, "height": 32, "width": 32,
+                     "steps": 1})
+    for ckpt, extra, needle in [
+            (trained / "checkpoints" / "last.ckpt", {"prompt": "x"}, "attention=full .* needs a causal DiT"),
+            (trained_causal, {"prompts": [{"at": 1, "prompt": "x"}]}, "must start with a prompt at 0 s"),
+            (trained_causal, {"prompts": [{"prompt": "x"}]}, "expected \\{at: SECONDS, prompt: TEXT\\}"),
+            (trained_causal, {"prompt": "x", "strength": 0.5}, "strength= are window-mode settings")]:
+        cfg = base.copy()
+        cfg.merge_with({"ckpt": str(ckpt), **extra})
+        with pytest.raises(ValueError, match=needle):
+            sample_run(cfg)
+
+
+def test_remix_through_sample_py(trained, demo_clips_dir, tmp_path):
+    """video=clip strength=0: the clip's own latents come back (decoded); strength=1: text-to-video, same seed."""
+    pipe = DiTPipeline.from_pretrained(trained / "checkpoints" / "last.ckpt", device="cpu")
+    clip = read_video(demo_clips_dir / "bikes.mp4")[0][:9]
+    same = pipe(["bikes"], 9, 32, 32, steps=3, seed=5, video=clip, strength=0.0)
+    assert torch.equal(same.latents, pipe.encode_frames(clip, 32, 32)) and same.settings["remix_strength"] == 0.0
+    new = pipe(["bikes"], 9, 32, 32, steps=3, seed=5, video=clip, strength=1.0)
+    assert torch.equal(new.latents, pipe(["bikes"], 9, 32, 32, steps=3, seed=5).latents)
+    out = run("sample.py", f"ckpt={trained}/checkpoints/last.ckpt", "prompt=carphone", f"video={demo_clips_dir}/bikes.mp4",
+              "strength=0.6", "num_frames=9", "height=32", "width=32", "steps=4", f"out_dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (mp4,) = tmp_path.glob("*.mp4")
+    assert read_video(mp4)[0].shape == (9, 32, 32, 3)
+    assert json.loads(mp4.with_suffix(".json").read_text())["remix_strength"] == 0.6
