@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vidgen-installed
 
-.PHONY: setup test test-fast demo finetune-demo bench clean
+.PHONY: setup test test-fast demo finetune-demo stream-demo bench clean
 
 $(STAMP): pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV)
@@ -18,6 +18,9 @@ demo: $(STAMP)
 
 finetune-demo: $(STAMP)
 	bash scripts/finetune_demo.sh
+
+stream-demo: $(STAMP)
+	bash scripts/stream_demo.sh
 
 bench: $(STAMP)
 	$(PY) bench/data_throughput.py

@@ -96,7 +96,7 @@ def run_stream(cfg: DictConfig, pipe: DiTPipeline, video, height: int, width: in
     total = max(1, round(cfg.seconds * cfg.fps))
     thumbs, start = [], time.perf_counter()
     first = None
-    bar = tqdm(total=total, unit="frame", desc="stream")
+    bar = tqdm(total=total, unit="frame", desc="stream", mininterval=2.0)
     with VideoWriter(out_dir / f"{stem}.mp4", fps=cfg.fps) as writer:
         for x, info in pipe.stream(schedule, cfg.seconds, cfg.fps, height, width, seed=cfg.seed,
                                    video=video, video_frames=cfg.video_frames, **sampling):
@@ -105,8 +105,9 @@ def run_stream(cfg: DictConfig, pipe: DiTPipeline, video, height: int, width: in
             first = first if first is not None else time.perf_counter() - start
             done = info["frames"]
             thumbs += [frames[i] for i in range(len(frames)) if (done - len(frames) + i) % max(1, round(cfg.fps)) == 0]
+            if info["prompt"] != bar.postfix:
+                bar.set_postfix_str(info["prompt"][:40], refresh=False)
             bar.update(len(frames))
-            bar.set_postfix(chunk=info["chunk"], prompt=info["prompt"][:24])
     bar.close()
     elapsed = time.perf_counter() - start
     settings.update({"frames": writer.frames, "wall_s": round(elapsed, 2), "frames_per_s": round(writer.frames / elapsed, 2),

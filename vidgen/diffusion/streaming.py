@@ -56,7 +56,7 @@ def _with_cache(cond: Cond | None, cache: Any, offset: int) -> Cond | None:
 def stream_chunks(denoiser: Denoiser, prompts: Sequence[PromptSegment], num_chunks: int,
                   chunk_shape: Sequence[int], steps: int = 25, guider: Any = None, shift: float = 1.0,
                   sampler: str = "euler", seed: int | Sequence[int] = 0, context: torch.Tensor | None = None,
-                  cache: Any = None) -> Iterator[tuple[int, torch.Tensor]]:
+                  cache: Any = None, context_t: float = 0.0) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield `(chunk index, latents [B, C, chunk_frames, h, w])` for chunks `n0 .. n0 + num_chunks - 1`.
 
     denoiser.net: a causal DiT (`new_kv_cache`, `chunk_frames`); chunk_shape: `[B, C, chunk_frames, h, w]`;
@@ -64,6 +64,10 @@ def stream_chunks(denoiser: Denoiser, prompts: Sequence[PromptSegment], num_chun
     B or 1); guider: e.g. `ClassifierFreeGuidance` (with each segment's uncond), None: conditional only;
     context: clean latents `[B|1, C, n0 * chunk_frames, h, w]` to continue (extension), pushed through the cache
     first (n0 = their chunks; not yielded); cache: an existing `KVCache` (None: a new one).
+    context_t: the past enters the cache noised to this flow time (0: clean). A little noise on the context
+    (Diffusion Forcing, Chen et al. 2024, Sec. 3.3; SkyReels-V2) hides the small errors of generated chunks that a
+    model trained on real clean context would otherwise amplify chunk after chunk; the model saw such noisy past
+    chunks in training (independent t per chunk). The noise is seeded per chunk, so re-caching repeats it.
     """
     net = denoiser.net
     if not getattr(net, "causal", False):
@@ -94,8 +98,12 @@ def stream_chunks(denoiser: Denoiser, prompts: Sequence[PromptSegment], num_chun
                         guider=guider if seg.uncond is not None else None)
 
     def push(z: torch.Tensor, seg: PromptSegment, chunk: int) -> None:
-        """Run clean chunk `chunk` at t = 0 so its keys/values enter the cache."""
-        call(z, torch.zeros(z.shape[0], device=z.device), seg, chunk)
+        """Run clean chunk `chunk` (noised to `context_t`) so its keys/values enter the cache."""
+        x, t = z, torch.full((z.shape[0],), float(context_t), device=z.device)
+        if context_t > 0:
+            noise = seeded_noise(z.shape, [s + CHUNK_SEED_STRIDE // 2 for s in chunk_seeds(seed, b, chunk)], z.device)
+            x = denoiser.flow.add_noise(z, noise, t)
+        call(x, t, seg, chunk)
         cache.commit(chunk)
         kept[chunk] = z
         for old in [i for i in kept if i not in cache.cached_chunks]:
