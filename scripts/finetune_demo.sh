@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # Fine-tune the demo DiT on a niche style, at toy scale on CPU, and show before | after:
 #   warm-graded copies of the demo clips (style set) + the demo DiT's own samples of the demo captions (prior set)
-#   -> LoRA fine-tune (experiment=finetune_lora, style:prior 3:1, trigger "sks") -> export
+#   -> LoRA fine-tune (experiment=finetune_lora, rank 32, style:prior 1:1, trigger "sks", 800 steps) -> export
 #   -> vidgen.eval.before_after: base | tuned, with and without "sks" -> docs/finetune_grid.png + the two numbers.
 # Reuses the demo's outputs (runs/demo_dit/export, data/demo_shards); runs scripts/demo.sh first without them.
 # A stage whose output exists is skipped (delete $DATA/finetune_* or $RUNS/finetune_demo to redo it).
-# Knobs (environment): PY, RUNS, DATA, FT_STEPS (400), SAMPLE_STEPS (25), PRIOR_SEEDS, EVAL_SEEDS, GRID_OUT,
+# Knobs (environment): PY, RUNS, DATA, FT_STEPS (800), SAMPLE_STEPS (25), PRIOR_SEEDS, EVAL_SEEDS, GRID_OUT,
 #   DIT_OVERRIDES (the base's model/dit + model/text sizes; default: experiment=demo_dit's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RUNS=${RUNS:-runs}
 DATA=${DATA:-data}
-FT_STEPS=${FT_STEPS:-400}
+FT_STEPS=${FT_STEPS:-800}
 SAMPLE_STEPS=${SAMPLE_STEPS:-25}
 PRIOR_SEEDS=${PRIOR_SEEDS:-100,101,102,103}   # not the evaluation seeds: prior_drift is measured on unseen noise
 EVAL_SEEDS=${EVAL_SEEDS:-0,1}
@@ -44,15 +44,16 @@ if [ ! -f "$PRIOR/manifest.json" ]; then
       --output "$PRIOR" $SIZE --shard-size 4
 fi
 
-echo "== 4/6 LoRA fine-tune of the demo DiT: style (trigger sks) : prior = 3 : 1, $FT_STEPS steps"
+echo "== 4/6 LoRA fine-tune of the demo DiT (rank 32): style (trigger sks) : prior = 1 : 1, $FT_STEPS steps"
 if [ ! -f "$TUNED/checkpoints/last.ckpt" ]; then
   # shellcheck disable=SC2086  # DIT_OVERRIDES is a list of overrides
   $PY train.py experiment=finetune_lora run_name=finetune_demo paths.runs_dir="$RUNS" data=demo trainer=cpu \
       num_threads=1 task.module.init_from="$BASE" $DIT_OVERRIDES \
-      data.train_shards=null "data.sources=[{shards: $STYLE, weight: 3, trigger: sks}, {shards: $PRIOR, weight: 1}]" \
+      data.train_shards=null "data.sources=[{shards: $STYLE, weight: 1, trigger: sks}, {shards: $PRIOR, weight: 1}]" \
       "data.buckets=[[9,48,112]]" trainer.max_steps="$FT_STEPS" trainer.limit_val_batches=0 \
       task.module.sample_posterior=false task.module.flow.base_shift=1.0 task.module.flow.base_tokens=64 \
-      task.module.optimizer.lr=1e-3 task.module.scheduler.warmup_steps=20
+      task.module.optimizer.lr=1e-3 task.module.scheduler.warmup_steps=20 task.module.lora.rank=32 \
+      task.module.lora.alpha=32
 fi
 
 echo "== 5/6 export the adapters (EMA weights)"

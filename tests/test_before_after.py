@@ -75,6 +75,7 @@ def test_before_after_of_a_checkpoint_and_its_export(trained, style_dir, prompts
                               str(style_dir), "--style-clips", "4", *SIZE]) == 0
     settings = json.loads((out / "settings.json").read_text())
     assert settings["prior_drift"] == 0.0 and settings["toward_style"] == 0.0  # same weights, same seeds
+    assert settings["style_leak"] == 0.0
     assert settings["style_reference"]["clips"] == 4 and settings["style_reference"]["minus_base"] != 0
     assert settings["seeds"] == [0, 1] and settings["trigger"] == "sks" and settings["steps"] == 2
     assert settings["videos"]["000_with_s0"]["prompt"] == "sks bikes on a street"  # as data.trigger prepends it

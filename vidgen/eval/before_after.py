@@ -14,6 +14,8 @@ the numbers). Two numbers, both on the uint8 frames before H.264:
                 fraction of style_score(style clips) - style_score(base) (0: no change, 1: as styled as the clips).
   prior_drift:  mean |tuned - base| per pixel (0-255) over the samples WITHOUT the trigger (what prior preservation
                 keeps small).
+and, to tell a style leak from other change: style_leak, the toward_style of the samples WITHOUT the trigger (the
+same scale: 0 = the style did not leak into them at all).
 """
 
 from __future__ import annotations
@@ -202,6 +204,8 @@ def compare_models(base: str, tuned: str, prompts: Sequence[str], trigger: str, 
     results["base_style_score_with_trigger"] = float(np.mean([style_score(frames["base"][i]) for i in with_idx]))
     results["toward_style_raw"] = float(np.mean([style_score(frames["tuned"][i]) - style_score(frames["base"][i])
                                                  for i in with_idx]))
+    results["style_leak_raw"] = float(np.mean([style_score(frames["tuned"][i]) - style_score(frames["base"][i])
+                                               for i in without_idx]))
     results["prior_drift"] = float(np.mean([np.abs(frames["tuned"][i].astype(np.float64) - frames["base"][i]).mean()
                                             for i in without_idx]))
     return results
@@ -217,11 +221,13 @@ def summary_table(results: dict[str, Any], trigger: str) -> str:
     relative = results.get("style_reference") is not None
     meaning = (f"style shift with \"{trigger}\", as a fraction of the style clips' (1 = as styled as them)"
                if relative else f"mean style_score (R - B) shift with \"{trigger}\", tuned - base")
-    ts = results["toward_style"]
+    ts, leak = results["toward_style"], results.get("style_leak")
     return "\n".join([f"{'metric':<14}{'value':>9}  meaning",
                       f"{'toward_style':<14}{'n/a' if ts is None else f'{ts:.3f}':>9}  {meaning}",
                       f"{'prior_drift':<14}{results['prior_drift']:>9.3f}  mean |tuned - base| per pixel "
-                      f"(0-255) without the trigger"])
+                      f"(0-255) without the trigger",
+                      f"{'style_leak':<14}{'n/a' if leak is None else f'{leak:.3f}':>9}  toward_style of the samples "
+                      f"without the trigger (0 = no leak)"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -250,13 +256,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = compare_models(args.base, args.tuned, prompts, args.trigger, seeds, sampling, out_dir, args.device)
-    toward = results["toward_style_raw"]
+    toward, leak = results["toward_style_raw"], results["style_leak_raw"]
     if reference is not None:
         span = reference[0] - results["base_style_score_with_trigger"]
         results["style_reference"] = {"shards": args.style_shards, "clips": reference[1], "style_score": reference[0],
                                       "minus_base": span}
-        toward = toward / span if abs(span) > 1e-6 else None
-    results["toward_style"] = toward
+        toward, leak = (toward / span, leak / span) if abs(span) > 1e-6 else (None, None)
+    results["toward_style"], results["style_leak"] = toward, leak
     settings = {**vars(args), "prompts_file": args.prompts, "prompts": prompts, "seeds": seeds,
                 "sampling": asdict(sampling), "style_score": "mean R - B over pixels of uint8 frames "
                 "(vidgen.eval.before_after.style_score)", "grid": "grid.png", **results}
