@@ -19,6 +19,11 @@ renames `to_out.0` and the MLP), and `t` is scaled by 1000 before the sinusoid a
 Wan 2.1 weights load and reproduce diffusers' output. Imported Wan weights expect the text context the
 way Wan feeds it: UMT5-XXL embeddings zero-padded to 512 tokens with `context_mask=None`.
 
+Causal: `attention="causal"` makes self-attention block-causal over chunks of latent frames (sliding window +
+sink chunks, `vidgen/models/causal_attention.py`); the whole clip trains at once under that mask, and streaming
+feeds one chunk at a time with a `KVCache` of the earlier ones (`forward(kv_cache=...)`), computing the same
+function. Same weights in both modes: a bidirectional checkpoint fine-tunes into a causal one.
+
 For scale: `gradient_checkpointing = True` recomputes each block in backward; `DiTBlock` is the FSDP wrap unit
 (`vidgen/training/parallelize.py`); `t` can be any float tensor (no graph breaks under `torch.compile`).
 """
