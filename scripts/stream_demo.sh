@@ -5,11 +5,12 @@
 #   -> experiment=quickstart_stream (causal, Diffusion Forcing, ~4 min) -> export
 #   -> sample.py mode=stream seconds=60 prompts=[{at: 0, ...}, {at: 30, ...}] -> docs/stream_demo.png
 # Reuses the demo's outputs; runs scripts/demo.sh first without them. A stage whose output exists is skipped.
-# Knobs (environment): PY, RUNS, SECONDS_LONG (60), SWITCH_AT (30), STREAM_STEPS (600), SHEET_OUT.
+# Knobs (environment): PY, RUNS, DATA, SECONDS_LONG (60), SWITCH_AT (30), STREAM_STEPS (600), SHEET_OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RUNS=${RUNS:-runs}
+DATA=${DATA:-data}
 SECONDS_LONG=${SECONDS_LONG:-60}
 SWITCH_AT=${SWITCH_AT:-30}
 STREAM_STEPS=${STREAM_STEPS:-600}
@@ -28,7 +29,7 @@ fi
 
 echo "== 2/4 17-frame latent shards of the demo clips (9 latent frames: room for the window and the sink)"
 if [ ! -f "$RUNS/quickstart_vae/latents_17/manifest.json" ]; then
-  $PY data_prep/encode_latents.py --shards data/demo_shards --vae "$RUNS/quickstart_vae/export" \
+  $PY data_prep/encode_latents.py --shards "$DATA/demo_shards" --vae "$RUNS/quickstart_vae/export" \
       --output "$RUNS/quickstart_vae/latents_17" --buckets 17x48x112 --target-fps 15 --batch-size 4 --num-workers 0 \
       --no-progress
 fi
