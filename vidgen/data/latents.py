@@ -23,7 +23,7 @@ from vidgen.data.batches import LatentBatch
 from vidgen.data.buckets import parse_buckets
 from vidgen.data.latent_shards import check_fingerprints, load_null_text, read_latent_manifest, unpack_sample
 from vidgen.data.pipeline import (TRIGGER_KEY, Batcher, ClipDataset, Head, PipelineState, SampleDrop,
-                                  SampleTransform, source_stages, with_trigger, worker_counts)
+                                  SampleTransform, SkipKeys, source_stages, with_trigger, worker_counts)
 from vidgen.io.fingerprint import short
 from vidgen.data.shards import DataConfigError, ShardSet
 from vidgen.data.starvation import StarveContext, describe_shards, latent_fixes
@@ -117,6 +117,7 @@ def build_latent_dataset(urls: Sequence[str], *, batch_sizes: Mapping[str, int],
     stages = head(state, counts) if head is not None else source_stages(
         urls, state, counts, train=train, seed=seed, shuffle_buffer=shuffle_buffer, resampled=resampled, rank=rank,
         world_size=world_size, trigger=trigger)
+    stages.append(SkipKeys(state))
     stages.append(LatentDecode(counts, state, sample_posterior=sample_posterior and train, seed=seed,
                                use_text=use_text))
     stages.append(LatentBatcher(batch_sizes, counts, drop_last, text_pad_to, null_text if use_text else None))

@@ -34,10 +34,16 @@ TRIGGER_KEY = "__trigger__"  # on the raw samples of a style set: the word put i
 
 
 class PipelineState:
-    """Mutable state shared by the stages; set in the main process before each pass (workers get a copy)."""
+    """Mutable state shared by the stages; set in the main process before each pass (workers get a copy).
+
+    `skip_keys` / `skip_epoch`: sample keys already trained on in epoch `skip_epoch` by a run of another world size
+    (`SkipKeys` drops them in that epoch's pass; `vidgen.data.position`).
+    """
 
     def __init__(self, epoch: int = 0):
         self.epoch = epoch
+        self.skip_keys: frozenset[str] = frozenset()
+        self.skip_epoch: int | None = None
 
 
 def node_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -101,6 +107,20 @@ class TarSamples:
                 self.counts.read_sample(draw)
                 yield sample
             self.counts.end_shard(draw)
+
+
+class SkipKeys:
+    """Drops raw samples whose key is in `state.skip_keys` during the pass of `state.skip_epoch` (resume of an epoch
+    on another world size: what the old ranks consumed is not seen again, whichever new rank reads its shard)."""
+
+    def __init__(self, state: PipelineState):
+        self.state = state
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        skip = self.state.skip_keys if self.state.skip_epoch == self.state.epoch else frozenset()
+        for raw in src:
+            if raw.get("__key__") not in skip:
+                yield raw
 
 
 class TagTrigger:
@@ -398,6 +418,7 @@ def build_clip_dataset(urls: Sequence[str], *, buckets, batch_size, train: bool,
     stages = head(state, counts) if head is not None else source_stages(
         urls, state, counts, train=train, seed=seed, shuffle_buffer=shuffle_buffer, resampled=resampled, rank=rank,
         world_size=world_size, trigger=trigger)
+    stages.append(SkipKeys(state))
     stages.append(ClipTransform(assigner, counts, state, train=train, seed=seed, decoder=decoder,
                                 decoder_threads=decoder_threads, require_caption=require_caption))
     stages.append(BucketBatcher(batch_sizes_per_bucket(batch_size, assigner.buckets), counts, drop_last))
@@ -433,6 +454,10 @@ class ClipLoader(wds.WebLoader):
         uninterrupted run, since every random choice is seeded by (seed, epoch, key)), at the cost of reading them.
         """
         self._skip = (int(epoch), int(batches)) if batches > 0 else None
+
+    def skip_keys(self, epoch: int, keys: set[str]) -> None:
+        """On the pass of `epoch`, leave out the samples with these keys (resume on another world size)."""
+        self.clip_dataset.state.skip_epoch, self.clip_dataset.state.skip_keys = int(epoch), frozenset(keys)
 
     def set_epoch(self, epoch: int) -> None:
         """Use this epoch for the next pass (otherwise: `epoch_fn()` if given, else the previous one + 1)."""

@@ -25,13 +25,14 @@ feeds one chunk at a time with a `KVCache` of the earlier ones (`forward(kv_cach
 function. Same weights in both modes: a bidirectional checkpoint fine-tunes into a causal one.
 
 For scale: `gradient_checkpointing = True` recomputes each block in backward; `DiTBlock` is the FSDP wrap unit
-(`vidgen/training/parallelize.py`); `t` can be any float tensor (no graph breaks under `torch.compile`).
+(`vidgen/training/parallelize.py`); `t` can be any float tensor (no graph breaks under `torch.compile`);
+`sp` splits the tokens over the ranks of a process group (`vidgen.training.sequence_parallel`, Ulysses).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from einops import rearrange
@@ -43,6 +44,9 @@ from vidgen.models.layers import Attention, FeedForward, FP32LayerNorm, RotaryEm
 from vidgen.models.base import Configurable, capture_config
 from vidgen.models.causal_attention import ATTENTION_MODES, KVCache, LayerKV, block_causal_mask
 
+# `block_stack(x, mod, run) -> x`: runs (or stands in for) the block stack `run` on tokens x (see `DiT.forward`).
+BlockStack = Callable[[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
+
 
 def spatial_position_embedding(frames: int, height: int, width: int, dim: int, device: torch.device | None = None,
                                ) -> torch.Tensor:
@@ -52,6 +56,20 @@ def spatial_position_embedding(frames: int, height: int, width: int, dim: int, d
     cols = timestep_embedding(torch.arange(width, device=device), dim - dim // 2)  # [W, D - D/2]
     grid = torch.cat([rows[:, None].expand(-1, width, -1), cols[None].expand(height, -1, -1)], dim=-1)
     return grid.reshape(1, height * width, dim).expand(frames, -1, -1).reshape(frames * height * width, dim)
+
+
+def local_frames(per_frame: torch.Tensor, start: int, end: int, tokens_per_frame: int) -> torch.Tensor:
+    """The rows of a per-frame tensor `[B, F, ...]` that cover tokens [start, end): `[B, F_local, ...]`.
+
+    As `modulate` / `gate` read it, row i covers the i-th run of (end - start) / F_local local tokens. A run of
+    g = gcd(tokens_per_frame, end - start) tokens never straddles two frames, so a shard that starts mid-frame
+    still gets each token's own frame. F = 1 (one t per sample) is shared by every token and returned as is.
+    """
+    if per_frame.shape[1] == 1:
+        return per_frame
+    g = math.gcd(tokens_per_frame, end - start)
+    rows = torch.arange(start, end, g, device=per_frame.device) // tokens_per_frame  # frame of each g-token run
+    return per_frame[:, rows]
 
 
 class MLPEmbedder(nn.Module):
@@ -105,9 +123,9 @@ class DiTBlock(nn.Module):
                 attn_mask: torch.Tensor | None = None, cache: LayerKV | None = None) -> torch.Tensor:
         """x `[B, F*S, D]`, context `[B, L, D]`, mod `[B, F, 6, D]` (F = 1: one t per sample), rope `[F*S, Dh/2]`;
         attn_mask `[F*S, F*S]` (block-causal) and cache (earlier chunks' keys/values) for a causal DiT."""
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.scale_shift_table[:, None] + mod).unbind(dim=2)
+        _, _, gate_sa, shift_ff, scale_ff, gate_ff = (self.scale_shift_table[:, None] + mod).unbind(dim=2)
         # Residual stream and modulation in float32 (as Wan), sub-layers in the input dtype.
-        h = modulate(self.norm1(x.float()), shift_sa, scale_sa).type_as(x)
+        h = self.modulated_input(x, mod).type_as(x)
         attn = self.attn1(h, rope=(rope_cos, rope_sin), attn_mask=attn_mask, cache=cache)
         x = (x.float() + gate(attn.float(), gate_sa)).type_as(x)
         h = self.norm2(x.float()).type_as(x)
@@ -115,6 +133,11 @@ class DiTBlock(nn.Module):
         h = modulate(self.norm3(x.float()), shift_ff, scale_ff).type_as(x)
         x = (x.float() + gate(self.ffn(h).float(), gate_ff)).type_as(x)
         return x
+
+    def modulated_input(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """What self-attention sees: adaLN(x) float32 `[B, F*S, D]` for x `[B, F*S, D]`, mod `[B, F, 6, D]`."""
+        shift_sa, scale_sa = (self.scale_shift_table[:, None] + mod)[:, :, :2].unbind(dim=2)
+        return modulate(self.norm1(x.float()), shift_sa, scale_sa)
 
 
 class DiT(nn.Module, Configurable):
@@ -135,6 +158,8 @@ class DiT(nn.Module, Configurable):
     `sink_chunks` chunks (`vidgen.models.causal_attention`); a causal DiT streams with a `KVCache`
     (`forward(kv_cache=...)`, `new_kv_cache()`). The mode is part of the config, so checkpoints record it.
     gradient_checkpointing: recompute blocks in backward (also settable as an attribute).
+    `sp` (attribute, default None): sequence parallelism, each of P ranks running 1/P of the tokens; set by
+    `vidgen.training.sequence_parallel.enable_sequence_parallel`; inputs and outputs stay those of one process.
     """
 
     def __init__(self, in_channels: int = 16, out_channels: int | None = None, dim: int = 384, depth: int = 12,
@@ -147,7 +172,7 @@ class DiT(nn.Module, Configurable):
         self.config = capture_config(DiT, locals())
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention={attention!r}: expected one of {ATTENTION_MODES}")
-        if chunk_frames < 1 or chunk_frames % int(patch_size[0]):
+        if attention == "causal" and (chunk_frames < 1 or chunk_frames % int(patch_size[0])):
             raise ValueError(f"chunk_frames={chunk_frames}: expected a positive multiple of the temporal patch "
                              f"{patch_size[0]}")
         if window_chunks is not None and window_chunks < 1:
@@ -162,6 +187,7 @@ class DiT(nn.Module, Configurable):
             raise ValueError(f"patch_size must be (pt, ph, pw), got {patch_size}")
         self.gradient_checkpointing = gradient_checkpointing
         self.text_mask, self.abs_pos = text_mask, abs_pos
+        self.sp = None  # sequence parallelism (vidgen.training.sequence_parallel)
 
         self.rope = RotaryEmbedding3D(dim // num_heads, theta=rope_theta)
         self.patch_embedding = nn.Conv3d(in_channels, dim, kernel_size=self.patch_size, stride=self.patch_size)
@@ -223,12 +249,14 @@ class DiT(nn.Module, Configurable):
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 context_mask: torch.Tensor | None = None, frame_offset: int = 0,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, block_stack: BlockStack | None = None) -> torch.Tensor:
         """Velocity `[B, C_out, T, H, W]` of latent z `[B, C, T, H, W]` at flow time t `[B]` or `[B, T]`.
 
         `frame_offset` shifts the temporal RoPE positions (a window that starts at latent frame `frame_offset`).
         `kv_cache` (causal DiT): z is ONE chunk (`chunk_frames` latent frames) at `frame_offset`; it attends to the
         cached earlier chunks and to itself, and leaves its keys/values pending for `kv_cache.commit`.
+        `block_stack(x [B, N, D], mod [B, F', 6, D], run) -> [B, N, D]` is called in place of `run(x)`, the blocks,
+        and may skip them (a step cache, `vidgen.diffusion.step_cache`).
         """
         b, c, frames, height, width = z.shape
         pt, ph, pw = self.patch_size
@@ -252,19 +280,32 @@ class DiT(nn.Module, Configurable):
             if frames != self.chunk_frames:
                 raise ValueError(f"with a kv_cache z must be one chunk of {self.chunk_frames} latent frame(s), "
                                  f"got {frames}")
+            if self.sp is not None:
+                raise ValueError("kv_cache streaming does not run sequence-parallel: turn it off with "
+                                 "enable_sequence_parallel(dit, None)")
             attn_mask, caches = None, kv_cache.layers
         else:
             attn_mask, caches = self.self_attention_mask(f, h * w, z.device), [None] * len(self.blocks)
+        if self.sp is not None:  # this rank's tokens; attention exchanges them for heads, the mask stays whole
+            start, end = self.sp.token_range(x.shape[1])
+            x, rope_cos, rope_sin = x[:, start:end], rope_cos[start:end], rope_sin[start:end]  # [B, N/P, D], [N/P, ..]
+            temb, mod = (local_frames(a, start, end, h * w) for a in (temb, mod))  # the frames of those tokens
 
-        for block, cache in zip(self.blocks, caches):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, context, context_mask, mod, rope_cos, rope_sin, attn_mask, cache,
-                               use_reentrant=False)
-            else:
-                x = block(x, context, context_mask, mod, rope_cos, rope_sin, attn_mask, cache)
+        def run(x: torch.Tensor) -> torch.Tensor:  # the blocks, [B, N, D] -> [B, N, D]
+            for block, cache in zip(self.blocks, caches):
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(block, x, context, context_mask, mod, rope_cos, rope_sin, attn_mask, cache,
+                                   use_reentrant=False)
+                else:
+                    x = block(x, context, context_mask, mod, rope_cos, rope_sin, attn_mask, cache)
+            return x
+
+        x = run(x) if block_stack is None else block_stack(x, mod, run)
 
         shift, scale = (self.scale_shift_table[:, None] + temb[:, :, None]).unbind(dim=2)  # [B, F', D] each
         x = modulate(self.norm_out(x.float()), shift, scale).type_as(x)
         x = self.proj_out(x)  # [B, N, pt*ph*pw*C_out]
+        if self.sp is not None:
+            x = self.sp.gather_tokens(x)  # [B, N/P, ..] on each rank -> [B, N, ..] on every rank
         return rearrange(x, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
                          f=f, h=h, w=w, pt=pt, ph=ph, pw=pw)

@@ -126,6 +126,9 @@ class Attention(nn.Module):
     Self-attention when `context is None`. `qk_norm` applies RMSNorm to the full projected q and k
     (across heads, Wan 2.1 "rms_norm_across_heads"), which keeps attention logits bounded in large
     models (Dehghani et al. 2023, ViT-22B). `mask` is a key padding mask `[B, L]`, True = attend.
+    `sp` (set by `vidgen.training.sequence_parallel.enable_sequence_parallel`, None by default): x holds this
+    rank's shard of the tokens, and self-attention runs over all of them with this rank's share of the heads
+    (`sp.all_to_all`, DeepSpeed-Ulysses).
     """
 
     def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, qk_norm: bool = True,
@@ -141,6 +144,7 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
         self.norm_q = nn.RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.norm_k = nn.RMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.sp = None  # sequence parallelism (vidgen.training.sequence_parallel)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None, attn_mask: torch.Tensor | None = None,
@@ -160,6 +164,10 @@ class Attention(nn.Module):
             # A row with no valid key would softmax over nothing (NaN): let it see every key instead.
             mask = mask | ~mask.any(dim=-1, keepdim=True)
             attn_mask = rearrange(mask.bool(), "b l -> b 1 1 l")  # broadcast over heads and queries
+        if self.sp is not None:  # Ulysses: [B, H, N/P, Dh] -> [B, H/P, N, Dh], one exchange for q, k, v
+            q, k, v = self.sp.all_to_all(torch.stack([q, k, v]), scatter_dim=2, gather_dim=3).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if self.sp is not None:
+            out = self.sp.all_to_all(out, scatter_dim=2, gather_dim=1)  # [B, H/P, N, Dh] -> [B, H, N/P, Dh]
         out = rearrange(out, "b h n d -> b n (h d)").to(x.dtype)
         return self.to_out(out)
