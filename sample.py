@@ -44,11 +44,13 @@ def read_media(cfg: DictConfig) -> tuple:
 
 
 # What sample.py uses when neither the command line nor the checkpoint (e.g. an imported Wan) sets a value.
-SAMPLING_FALLBACKS = {"steps": 50, "guidance": 5.0, "negative_prompt": "", "sampler": "euler", "shift": None}
+SAMPLING_FALLBACKS = {"steps": 50, "guidance": 5.0, "negative_prompt": "", "sampler": "euler", "shift": None,
+                      "step_cache": None}
 
 
 def sampling_settings(cfg: DictConfig, defaults: dict) -> dict:
-    """steps / guidance / negative_prompt / sampler / shift: the command line, else the checkpoint's, else ours."""
+    """steps / guidance / negative_prompt / sampler / shift / step_cache: the command line, else the checkpoint's,
+    else ours."""
     return {k: cfg[k] if cfg[k] is not None else defaults.get(k, fallback) for k, fallback in SAMPLING_FALLBACKS.items()}
 
 
@@ -136,7 +138,11 @@ def run(cfg: DictConfig) -> list[Path]:
         if image is not None or cfg.strength is not None:
             raise SamplingError("mode=stream: image= and strength= are window-mode settings (stream takes video= "
                                 "to extend)")
-        return [run_stream(cfg, pipe, video, height, width, sampling_settings(cfg, pipe.defaults))]
+        if cfg.step_cache is not None:
+            raise SamplingError("mode=stream: step_cache= is a window-mode setting (the streaming sampler has none)")
+        sampling = sampling_settings(cfg, pipe.defaults)
+        del sampling["step_cache"]  # a checkpoint's default applies to window mode only
+        return [run_stream(cfg, pipe, video, height, width, sampling)]
     if None in (num_frames, height, width):
         raise SamplingError("num_frames, height and width: not recorded with the checkpoint; set them")
     pipe.latent_size(num_frames, height, width)  # bad sizes stop here, before any model runs

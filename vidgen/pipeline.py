@@ -157,16 +157,19 @@ class DiTPipeline:
                  guidance: float = 5.0, negative_prompt: str = "", seed: int | Sequence[int] = 0,
                  sampler: str = "euler", shift: float | None = None, image: np.ndarray | None = None,
                  video: np.ndarray | None = None, video_frames: int | None = None, strength: float | None = None,
-                 progress: bool = False) -> SampleOutput:
+                 step_cache: float | None = None, progress: bool = False) -> SampleOutput:
         """Generate one video per prompt; `seed` int (prompt i uses seed + i) or one per prompt.
 
         With `video`: extension (its first `video_frames` held clean), or with `strength` a remix: the clip's first
         `num_frames` frames noised to t = strength and denoised under the prompt (1: text-to-video, 0: the clip).
+        `step_cache`: a TeaCache threshold (`vidgen.diffusion.step_cache`; None: off).
         """
         if sampler not in SAMPLERS:
             raise SamplingError(f"sampler={sampler}: expected one of {sorted(SAMPLERS)}")
         if steps < 1:
             raise SamplingError(f"steps={steps}: expected at least 1")
+        if step_cache is not None and not (isinstance(step_cache, (int, float)) and step_cache >= 0):
+            raise SamplingError(f"step_cache={step_cache}: expected a threshold >= 0 (e.g. 0.1) or null (off)")
         try:
             guider = ClassifierFreeGuidance(guidance) if guidance != 1.0 else None
         except ValueError as e:
@@ -195,12 +198,12 @@ class DiTPipeline:
         with self.autocast():
             z = generate(self.denoiser, cond, shape, steps=steps, guider=guider, uncond=uncond, shift=shift,
                          sampler=sampler, seed=seed, clean=clean, clean_mask=mask, progress=progress, start=start,
-                         strength=1.0 if strength is None else strength)
+                         strength=1.0 if strength is None else strength, step_cache=step_cache)
         x = self.vae.decode(z.float(), normalized=True)  # [B, 3, T, H, W] in [-1, 1]
         settings = {"num_frames": num_frames, "height": height, "width": width, "latent_shape": list(shape[1:]),
                     **self.fit_note(image if image is not None else video, num_clean, height, width),
                     "steps": steps, "guidance": guidance, "negative_prompt": negative_prompt, "sampler": sampler,
-                    "shift": float(shift), "num_clean_latent_frames": num_clean,
+                    "shift": float(shift), "step_cache": step_cache, "num_clean_latent_frames": num_clean,
                     **({"remix_strength": strength} if strength is not None else {})}
         return SampleOutput(x, z, settings)
 

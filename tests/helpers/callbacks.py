@@ -16,10 +16,11 @@ class RankReport(pl.Callback):
     """Writes `OUT/rank{r}.json`: the sample keys this rank trained on and a hash of its final weights."""
 
     def __init__(self, out: str):
-        self.out, self.keys = Path(out), []
+        self.out, self.keys, self.epoch_keys = Path(out), [], {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.keys.extend(batch.get("key", []))
+        self.epoch_keys.setdefault(str(trainer.current_epoch), []).extend(batch.get("key", []))
 
     def on_train_end(self, trainer, pl_module):
         digest = hashlib.sha256()
@@ -27,7 +28,7 @@ class RankReport(pl.Callback):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         self.out.mkdir(parents=True, exist_ok=True)
-        report = {"rank": trainer.global_rank, "world_size": trainer.world_size, "keys": self.keys,
+        report = {"rank": trainer.global_rank, "world_size": trainer.world_size, "keys": self.keys, "epoch_keys": self.epoch_keys,
                   "weights_sha256": digest.hexdigest(), "global_step": trainer.global_step}
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 

@@ -7,6 +7,13 @@ k-diffusion style (Crowson): every sampler is a plain function over ONE denoise 
 and `sigmas` is a decreasing schedule ending at 0 from `timesteps(steps, shift)`. `generate` composes the
 pieces: seeded noise -> schedule -> sampler over `Denoiser.__call__` (clean frames, CFG), the same network
 call and clean-frame rule that `Denoiser.loss` trains.
+
+Samplers: `euler`, `heun` (one and two calls per step), and the multistep solvers `dpmpp_2m` and `unipc` (one call
+per step, second order from the previous step's prediction). The multistep solvers integrate in the half log-SNR
+lambda = log(alpha_t / sigma_t) with the flow's alpha_t = 1 - t, sigma_t = t (x_t = alpha_t x0 + sigma_t eps), on
+the data prediction x0 = x_t - t v; they equal diffusers' `DPMSolverMultistepScheduler` / `UniPCMultistepScheduler`
+with `use_flow_sigmas=True, prediction_type="flow_prediction"` (Wan 2.1's scheduler) run over the same sigmas
+(tests/test_solvers.py).
 """
 
 from __future__ import annotations
@@ -18,8 +25,9 @@ import torch
 from tqdm.auto import trange
 
 from vidgen.diffusion.denoiser import Denoiser
-from vidgen.diffusion.flow import num_latent_tokens, time_shift
+from vidgen.diffusion.flow import RectifiedFlow, num_latent_tokens, time_shift
 from vidgen.diffusion.guidance import ClassifierFreeGuidance
+from vidgen.diffusion.step_cache import StepCache
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict[str, Any]], None]
@@ -72,7 +80,102 @@ def sample_heun(fn: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Ca
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"euler": sample_euler, "heun": sample_heun}
+def half_log_snr(t: torch.Tensor) -> torch.Tensor:
+    """lambda = log(alpha_t / sigma_t) = log((1 - t) / t) of the flow, any shape: -inf at t = 1, +inf at t = 0."""
+    return torch.log(1 - t) - torch.log(t)
+
+
+def sample_dpmpp_2m(fn: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
+                    progress: bool = False) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2) on the flow ODE; x `[B, ...]` -> x at sigmas[-1].
+
+    Each step is the exact exponential integrator of the data prediction x0 = x - t v held linear in lambda:
+    x <- (sigma_t / sigma_s) x - alpha_t (e^-h - 1) (D0 + D1 / 2), h = lambda_t - lambda_s, D0 = x0_i,
+    D1 = (x0_i - x0_{i-1}) / r, r = (lambda_s - lambda_{i-1}) / h. The first step has no history and the last one
+    is first order (D1 = 0), as diffusers does with `lower_order_final` / `final_sigmas_type="zero"`: into t = 0
+    (lambda = inf) the step is x <- x0. From t = 1 (lambda = -inf) the next step's r is inf, so its D1 is 0.
+    Coefficients in float32 on the CPU from `sigmas`, in diffusers' order of operations.
+    """
+    sig = sigmas.detach().float().cpu()
+    s_in = x.new_ones(x.shape[0])
+    n = len(sig) - 1
+    x0_prev = None
+    for i in trange(n, disable=not progress, desc="dpmpp_2m"):
+        s, t = sig[i], sig[i + 1]
+        v = fn(x, s.item() * s_in)
+        if callback is not None:
+            callback({"i": i, "x": x, "t": s.item(), "v": v})
+        x0 = RectifiedFlow.predict_x0(x, s, v)
+        h = half_log_snr(t) - half_log_snr(s)
+        phi = (1 - t) * (torch.exp(-h) - 1.0)  # alpha_t (e^-h - 1)
+        x = (t / s) * x - phi * x0
+        if x0_prev is not None and i < n - 1:
+            r = (half_log_snr(s) - half_log_snr(sig[i - 1])) / h
+            x = x - (0.5 * phi) * ((1.0 / r) * (x0 - x0_prev))
+        x0_prev = x0
+    return x
+
+
+def _unipc_step(x: torch.Tensor, t: torch.Tensor, s0: torch.Tensor, x0_s0: torch.Tensor, s1: torch.Tensor | None,
+                x0_s1: torch.Tensor | None, x0_t: torch.Tensor | None) -> torch.Tensor:
+    """One UniPC-bh2 update of x `[B, ...]` from noise level s0 to t (Zhao et al. 2023, data prediction).
+
+    x0_s0: the data prediction at s0; x0_s1 (at the level s1 before s0, or None): makes it second order;
+    x0_t (at t, or None): makes it the corrector UniC, which re-integrates the step s0 -> t from the same x with the
+    prediction at t as well (no extra network call: it is the one the next step uses).
+    """
+    h = half_log_snr(t) - half_log_snr(s0)
+    b_h = h_phi_1 = torch.expm1(-h)  # B(h) = e^-h - 1 ("bh2"), and h phi_1(h) of the exponential integrator
+    x_t = t / s0 * x - (1 - t) * h_phi_1 * x0_s0  # DDIM / DPM-Solver++(1)
+    if x0_s1 is not None:
+        r = (half_log_snr(s1) - half_log_snr(s0)) / h
+        d1 = (x0_s1 - x0_s0) / r
+    if x0_t is None:  # UniP: order 2 with the paper's rho = 1/2
+        return x_t if x0_s1 is None else x_t - (1 - t) * b_h * (0.5 * d1)
+    if x0_s1 is None:  # UniC-1: rho = 1/2
+        return x_t - (1 - t) * b_h * (0.5 * (x0_t - x0_s0))
+    # UniC-2: rho solves R rho = g / B(h), R = [[1, 1], [r, 1]] (the paper's Vandermonde system),
+    # g_k = k! h phi_{k+1}(h) built by phi_{k+1} = (phi_k - 1/k!) / h.
+    g1 = h_phi_1 / -h - 1
+    g2 = g1 / -h - 0.5
+    rho = torch.linalg.solve(torch.stack([torch.ones(2), torch.stack([r, torch.ones(())])]),
+                             torch.stack([g1 / b_h, g2 * 2 / b_h]))
+    return x_t - (1 - t) * b_h * (rho[0] * d1 + rho[1] * (x0_t - x0_s0))
+
+
+def sample_unipc(fn: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None,
+                 progress: bool = False) -> torch.Tensor:
+    """UniPC (Zhao et al. 2023, "UniPC"), bh2, order 2 predictor + corrector, data prediction, on the flow ODE:
+    Wan 2.1's default sampler (diffusers' UniPCMultistepScheduler). x `[B, ...]` -> x at sigmas[-1].
+
+    Step i calls fn once at x_i, corrects x_i with that prediction (UniC, the order of the previous predictor), then
+    predicts x_{i+1} (UniP, order 2, order 1 on the first and the last step: `lower_order_final`; into t = 0 that
+    step is x <- x0). As diffusers does, a first sigma within 1e-6 of 1 is lowered by 1e-6, where lambda = -inf
+    would make the order-2 system singular.
+    """
+    sig = sigmas.detach().float().cpu().clone()
+    if abs(sig[0].item() - 1) < 1e-6:
+        sig[0] -= 1e-6
+    s_in = x.new_ones(x.shape[0])
+    n = len(sig) - 1
+    x_prev = x0_prev = x0_prev2 = None  # x_{i-1} before its predictor; x0 at steps i-1, i-2
+    for i in trange(n, disable=not progress, desc="unipc"):
+        v = fn(x, sig[i].item() * s_in)
+        if callback is not None:
+            callback({"i": i, "x": x, "t": sig[i].item(), "v": v})
+        x0 = RectifiedFlow.predict_x0(x, sig[i], v)
+        if i > 0:  # the corrector has the order of the predictor of step i - 1
+            x = _unipc_step(x_prev, sig[i], sig[i - 1], x0_prev, sig[i - 2] if x0_prev2 is not None else None,
+                            x0_prev2, x0)
+        second = 0 < i < n - 1
+        x_prev = x
+        x = _unipc_step(x, sig[i + 1], sig[i], x0, sig[i - 1] if second else None, x0_prev if second else None, None)
+        x0_prev2, x0_prev = (x0_prev if second else None), x0
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"euler": sample_euler, "heun": sample_heun,
+                                                    "dpmpp_2m": sample_dpmpp_2m, "unipc": sample_unipc}
 
 
 def seeded_noise(shape: Sequence[int], seed: int | Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -105,7 +208,7 @@ def generate(denoiser: Denoiser, cond: dict[str, Any], shape: Sequence[int], ste
              shift: float | None = None, sampler: str = "euler", seed: int | Sequence[int] = 0,
              clean: torch.Tensor | None = None, clean_mask: torch.Tensor | None = None, progress: bool = False,
              callback: Callback | None = None, start: torch.Tensor | None = None,
-             strength: float = 1.0) -> torch.Tensor:
+             strength: float = 1.0, step_cache: float | None = None) -> torch.Tensor:
     """Sample latents z0 `[B, C, T, H, W]` = `shape`: seeded noise -> shifted schedule -> sampler over `denoiser`.
 
     cond / uncond: the conditioner's keyword tensors (batch B or 1); `guider` (e.g. CFG) combines them, None
@@ -114,7 +217,8 @@ def generate(denoiser: Denoiser, cond: dict[str, Any], shape: Sequence[int], ste
     (image-to-video, extension) and returned unchanged. seed: int (sample i uses seed + i) or one per sample.
     start `[B|1, C, T, H, W]` + strength in [0, 1] (remix, SDEdit, Meng et al. 2022): start noised to t = strength
     with the seeded noise, then only the schedule's steps below it; strength 1 is text-to-video from the same
-    noise, strength 0 returns `start`.
+    noise, strength 0 returns `start`. step_cache: a `StepCache` threshold (TeaCache): steps whose DiT input barely
+    changed reuse the blocks' last residual (0: never skips, the same result as None; None: off).
     Runs in the network's current mode, on its device; wrap in autocast for bf16.
     """
     if sampler not in SAMPLERS:
@@ -139,6 +243,8 @@ def generate(denoiser: Denoiser, cond: dict[str, Any], shape: Sequence[int], ste
         x = torch.where(clean_mask.expand(b, shape[2])[:, None, :, None, None], clean.expand_as(x), x)
 
     sigmas = timesteps(steps, shift).to(device)
+    if step_cache is not None:  # a fresh cache per run; the last step always runs the blocks (as TeaCache)
+        denoiser = Denoiser(StepCache(denoiser.net, step_cache, last_t=sigmas[-2].item()), denoiser.flow)
     if start is not None and strength < 1.0:
         if not strength >= 0.0:
             raise ValueError(f"strength={strength}: expected a value in [0, 1]")
