@@ -34,9 +34,11 @@ class WeightsError(UserError):
 
 
 def class_path(obj: Any) -> str:
-    """`module.QualName` of an object's class (or of a class)."""
+    """`module.QualName` of an object's class (or of a class). A class that a wrapper made on the fly (FSDP2's
+    `fully_shard` turns a `DiT` into an `FSDPDiT(FSDPModule, DiT)`) records the wrapped vidgen class."""
     cls = obj if isinstance(obj, type) else type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
+    own = next((c for c in cls.__mro__ if c.__module__.startswith(ALLOWED_PREFIXES)), cls)
+    return f"{own.__module__}.{own.__qualname__}"
 
 
 def import_class(path: str, where: str = "") -> type:

@@ -184,9 +184,11 @@ def read_fsdp_folder(folder: str | Path) -> dict[str, Any]:
         raise (ours[0] if ours else _corrupt(folder, errors[0])) from None
     meta = folder / META_FILE
     checkpoint = _load_plain(meta, meta) if meta.is_file() else {}
-    if not isinstance(checkpoint, dict) or "model" not in sharded:
-        raise UserError(f"{folder}: not a Lightning FSDP checkpoint (no 'model' entry / {META_FILE} not a dict)")
-    checkpoint["state_dict"] = sharded.pop("model")
+    weights = next((k for k in ("model", "state_dict") if k in sharded), None)  # FSDPStrategy / ModelParallelStrategy
+    if not isinstance(checkpoint, dict) or weights is None:
+        raise UserError(f"{folder}: not a Lightning FSDP checkpoint (no 'model' or 'state_dict' entry / {META_FILE} "
+                        f"not a dict)")
+    checkpoint["state_dict"] = sharded.pop(weights)
     checkpoint["optimizer_states"] = [sharded[k] for k in sorted(k for k in sharded if k.startswith("optimizer_"))]
     return checkpoint
 

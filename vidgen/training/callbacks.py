@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 import lightning.pytorch as pl
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from vidgen.errors import UserError
 from vidgen.io.checkpoint import EMA_KEY
@@ -23,7 +24,8 @@ class EMA(pl.Callback):
 
     `decay` is reached with the warm-up `min(decay, (1 + n) / (10 + n))` (n = updates so far), so early
     averages are not dominated by the random init. The shadow weights are kept in fp32 on the module's
-    device; `average_parameters(module)` swaps them in (sampling, validation, export) and back.
+    device, sharded like the weights under FSDP2 (DTensors); `average_parameters(module)` swaps them in (sampling,
+    validation, export) and back.
     """
 
     def __init__(self, decay: float = 0.999, update_every: int = 1, start_step: int = 0):
@@ -44,8 +46,18 @@ class EMA(pl.Callback):
         for name, p in self._params(pl_module):
             if name not in self.shadow:
                 self.shadow[name] = p.detach().float().clone()
-            else:  # restored from a checkpoint: move next to the weights
-                self.shadow[name] = self.shadow[name].to(p.device)
+            else:
+                self._place(name, p)
+
+    def _place(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        """The shadow of `p` next to it: restored from a checkpoint (whole tensors, loaded before or after
+        `on_fit_start` depending on the strategy) it moves to p's device and, under FSDP2, is sharded like p."""
+        shadow = self.shadow[name]
+        if isinstance(p, DTensor) and not isinstance(shadow, DTensor):
+            shadow = self.shadow[name] = distribute_tensor(shadow.to(p.device), p.device_mesh, p.placements)
+        elif shadow.device != p.device:
+            shadow = self.shadow[name] = shadow.to(p.device)
+        return shadow
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -55,7 +67,7 @@ class EMA(pl.Callback):
         self.num_updates += 1
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         for name, p in self._params(pl_module):
-            self.shadow[name].lerp_(p.detach().float(), 1.0 - decay)
+            self._place(name, p).lerp_(p.detach().float(), 1.0 - decay)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Validate the weights that get exported and sampled: the EMA shadow (no checkpoint is written
@@ -79,7 +91,7 @@ class EMA(pl.Callback):
             for name, p in self._params(module):
                 if name in self.shadow:
                     backup[name] = p.detach().clone()
-                    p.copy_(self.shadow[name].to(p.dtype))
+                    p.copy_(self._place(name, p).to(p.dtype))
         try:
             yield
         finally:
@@ -89,8 +101,10 @@ class EMA(pl.Callback):
                         p.copy_(backup[name])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"shadow": {k: v.cpu() for k, v in self.shadow.items()}, "num_updates": self.num_updates,
-                "decay": self.decay}
+        """Whole fp32 shadow tensors on the CPU: under FSDP2 each rank's shards are gathered (every rank calls this
+        when a checkpoint is saved), so the checkpoint reader and exports see plain tensors."""
+        whole = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.shadow.items()}
+        return {"shadow": {k: v.cpu() for k, v in whole.items()}, "num_updates": self.num_updates, "decay": self.decay}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.shadow = dict(state_dict["shadow"])

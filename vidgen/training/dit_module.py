@@ -37,6 +37,7 @@ from vidgen.io.pretrained import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, rea
 from vidgen.models.vae import VideoVAE
 from vidgen.training.adapters import (ADAPTER, apply_lora, check_same_base, freeze_all_but_adapters, is_adapter,
                                       load_base)
+from vidgen.training.parallelize import apply_fsdp
 from vidgen.training.rng import MicroBatchCounter
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,18 @@ class DiTModule(pl.LightningModule):
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt),
                                                    "interval": "step"}}
+
+    def configure_model(self) -> None:
+        """FSDP2 under Lightning's `ModelParallelStrategy` (`trainer=fsdp`): shard the DiT and trainable encoders,
+        each block one unit (`vidgen.training.parallelize.apply_fsdp`); bf16 parameters / fp32 reduction on GPU."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        if self.lora is not None:
+            raise UserError("trainer=fsdp: a LoRA run trains a few adapter tensors; use trainer=ddp (the frozen base "
+                            "is not sharded)")
+        encoders = [enc for enc, trainable in self.conditioner.encoders().values() if trainable]
+        apply_fsdp([self.dit, *encoders], mesh["data_parallel"], mixed_precision=self.device.type == "cuda")
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_description(self) -> dict[str, Any]:

@@ -1,6 +1,9 @@
 """Wrapping for scale, applied from outside the model code in one place (as torchtitan's parallelize.py).
 
-- FSDP: `fsdp_wrap_policy()` makes each transformer block (DiT blocks, text-encoder blocks) one shard unit.
+- FSDP2: `apply_fsdp` shards each transformer block (DiT blocks, text-encoder blocks) as one `fully_shard` unit
+  (`trainer=fsdp`: `FSDP2Strategy`, Lightning's `ModelParallelStrategy` on a 1D mesh, which calls the module's
+  `configure_model`);
+  `fsdp_wrap_policy()` is the same unit choice for FSDP1 wrappers.
 - Activation checkpointing: each DiT block recomputed in backward.
 - `torch.compile`: each DiT block compiled on its own with `fullgraph=True` (no graph breaks; repeated
   blocks share one compiled graph, so compile time does not grow with depth).
@@ -26,10 +29,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from vidgen.errors import UserError
 from vidgen.models.dit import DiT, DiTBlock
@@ -47,6 +54,40 @@ def wrap_unit_classes() -> set[type[nn.Module]]:
 def fsdp_wrap_policy() -> ModuleWrapPolicy:
     """FSDP auto-wrap policy: every transformer block is one unit (its params gathered just in time)."""
     return ModuleWrapPolicy(wrap_unit_classes())
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's `ModelParallelStrategy` with every rank data-parallel (a 1D mesh of world_size ranks: FSDP2, no
+    tensor parallelism); the module shards itself in `configure_model` (`apply_fsdp`). Keyword arguments: those of
+    `ModelParallelStrategy` other than the two sizes (e.g. `process_group_backend`, `save_distributed_checkpoint`)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes  # every rank; read when the mesh is built
+        super().setup_environment()
+
+
+def apply_fsdp(modules: list[nn.Module], mesh, mixed_precision: bool = False) -> None:
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`, Zhao et al. 2023 / torchtitan): in place, each transformer block
+    (`wrap_unit_classes`) of every module in `modules` becomes one shard unit, then each module its own root unit.
+
+    mesh: the data-parallel `DeviceMesh` (Lightning's `ModelParallelStrategy` gives `module.device_mesh`);
+    mixed_precision: bf16 parameters in forward/backward with fp32 gradient reduction (GPU); False keeps fp32.
+    Parameters become DTensors sharded along dim 0; the optimizer, EMA (`vidgen.training.callbacks.EMA`) and
+    distributed checkpoints hold shards.
+    """
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
+              else MixedPrecisionPolicy())
+    units = tuple(wrap_unit_classes())
+    for module in modules:
+        for sub in module.modules():
+            if isinstance(sub, units):
+                fully_shard(sub, mesh=mesh, mp_policy=policy)
+        fully_shard(module, mesh=mesh, mp_policy=policy)
+    log.info("FSDP2: %d module(s) sharded over %d rank(s), each block one unit, mixed precision=%s", len(modules),
+             mesh.size(), mixed_precision)
 
 
 def sequence_parallel_group(size: int) -> dist.ProcessGroup:
