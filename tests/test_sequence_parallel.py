@@ -17,9 +17,10 @@ import torch.distributed as dist
 
 from runs import tiny_dit_overrides, train
 from vidgen.errors import UserError
+from vidgen.io.checkpoint import read_parts
 from vidgen.models.dit import DiT
+from vidgen.training.parallelize import build_sequence_parallel, parallelize
 from vidgen.training.sequence_parallel import enable_sequence_parallel
-from vidgen.training.parallelize import parallelize
 
 TINY = dict(in_channels=4, dim=32, depth=2, ffn_dim=64, text_dim=16, freq_dim=32)
 CAUSAL = dict(attention="causal", chunk_frames=1, window_chunks=2, sink_chunks=1)
@@ -150,18 +151,33 @@ def test_four_ranks_equal_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_py_stops_with_one_line(demo_shards, tiny_vae_export, tmp_path):
-    """train.py does not feed one batch per sequence-parallel group yet: it stops at start-up instead of a wrong run."""
-    out = train([*tiny_dit_overrides(tiny_vae_export, demo_shards), "scale.sequence_parallel=2"], tmp_path, check=False)
-    assert out.returncode == 2
-    line = "error: scale.sequence_parallel=2: needs torch.distributed running before the model is wrapped"
-    assert line in out.stderr and "train.py does not do" in out.stderr
+def test_train_py_two_ranks_as_one_group_equal_one_process(demo_shards, tiny_vae_export, tmp_path):
+    """train.py with 2 gloo ranks in ONE sequence-parallel group (they read the same batches, draw the same noise,
+    split every sample's tokens) trains the same weights as one process on its own."""
+    common = [*tiny_dit_overrides(tiny_vae_export, demo_shards), "data.val_split=null", "data.num_workers=0",
+              "trainer.max_steps=3", "task.module.optimizer.lr=1e-2", "task.module.scheduler.warmup_steps=1",
+              "data.buckets=[[9,32,32]]"]
+    runs = {"one": [], "sp": ["trainer=ddp_cpu", "scale.sequence_parallel=2"]}
+    for name, extra in runs.items():
+        (tmp_path / name).mkdir()
+        train([*common, *extra], tmp_path / name)
+    parts = {name: read_parts(tmp_path / name / "runs" / "quickstart_dit" / "checkpoints" / "last.ckpt", ema=False)
+             for name in runs}
+    diff = max((parts["sp"].parts["dit"].state[k] - v).abs().max().item()
+               for k, v in parts["one"].parts["dit"].state.items())
+    print(f"train.py, 2 ranks x sequence_parallel=2 vs 1 process, 3 steps: DiT weights max |diff| {diff:.2e}")
+    assert parts["sp"].info["global_step"] == 3 and diff < 1e-4  # lr 1e-2: float sums in another order
+    logged = [o for o in common if o != "~callbacks.sample_logging"]  # quickstart_dit logs samples
+    out = train([*logged, "trainer=ddp_cpu", "scale.sequence_parallel=2"], tmp_path / "sp", check=False)
+    assert out.returncode == 2 and "callbacks.sample_logging samples on rank 0 alone" in out.stderr
 
 
 def test_parallelize_refuses_sequence_parallel_without_distributed():
     """The same function train.py calls, with no process group: one clear line per bad setting."""
-    with pytest.raises(UserError, match=r"scale.sequence_parallel=2: needs torch.distributed .* train.py"):
-        parallelize(_dit(2), sequence_parallel=2)
+    deferred = parallelize(_dit(2), sequence_parallel=2)  # train.py: the module builds the groups in setup
+    assert deferred.sequence_parallel == 2 and deferred.sp is None
+    with pytest.raises(UserError, match=r"scale.sequence_parallel=2: needs several processes"):
+        build_sequence_parallel(deferred)
     with pytest.raises(UserError, match="scale.sequence_parallel=0: expected a positive number"):
         parallelize(_dit(2), sequence_parallel=0)
     with pytest.raises(UserError, match="scale.sequence_parallel=2: splits a DiT's tokens, and this model has no DiT"):

@@ -25,12 +25,15 @@ class DataPositionMixin:
     _resume_position: dict | None = None
 
     def _rank_world(self) -> tuple[int, int]:
-        """(rank, world_size): explicit hyperparameters, else the Trainer's, else webdataset's detection."""
+        """(rank, world_size) of the data split: explicit hyperparameters, else the Trainer's, else webdataset's
+        detection. Under sequence parallelism (the training module's `sequence_parallel` = P ranks per group) a
+        group is one data-parallel rank: (rank // P, world_size // P), so its ranks read the same batches."""
         hp = self.hparams
         if hp.rank is not None and hp.world_size is not None:
             return int(hp.rank), int(hp.world_size)
         if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
+            group = getattr(self.trainer.lightning_module, "sequence_parallel", 1)
+            return self.trainer.global_rank // group, self.trainer.world_size // group
         return node_info(None, None)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):

@@ -37,7 +37,7 @@ from vidgen.io.pretrained import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, rea
 from vidgen.models.vae import VideoVAE
 from vidgen.training.adapters import (ADAPTER, apply_lora, check_same_base, freeze_all_but_adapters, is_adapter,
                                       load_base)
-from vidgen.training.parallelize import apply_fsdp
+from vidgen.training.parallelize import apply_fsdp, build_sequence_parallel
 from vidgen.training.rng import MicroBatchCounter
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ class DiTModule(pl.LightningModule):
     for a briefly trained VAE whose posterior std is still large); validation always uses the mean.
     vae_chunk_size: encode videos this many latent frames at a time (bounded memory for long clips).
     """
+
+    sequence_parallel = 1  # ranks per sequence-parallel group (set by vidgen.training.parallelize.parallelize)
 
     def __init__(self, dit: nn.Module, conditioner: Conditioner, vae_path: str | None, optimizer: partial,
                  scheduler: partial | None = None, flow: dict | None = None, cond_prob: float = 0.0,
@@ -142,6 +144,12 @@ class DiTModule(pl.LightningModule):
             raise UserError(f"task.module.init_from is not set: {what}; set it to an export folder or checkpoint")
         if self.hparams.vae_path is not None:
             _ = self.vae  # fail at start-up, not at the first batch
+        build_sequence_parallel(self)  # scale.sequence_parallel > 1: the groups, now that the processes run
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's data-parallel rank: the global rank, or its sequence-parallel group's index."""
+        return self.global_rank // self.sequence_parallel
 
     # ------------------------------------------------------------------ batch -> latents, conditioning
     def latents(self, batch: dict[str, Any], sample: bool = True,
@@ -170,14 +178,16 @@ class DiTModule(pl.LightningModule):
         # All randomness of a micro-batch from one generator seeded by (seed, step, micro-batch, rank): exact
         # resume, and the micro-batches of one accumulated step draw different t and noise. Outside a Trainer
         # there is no step count to seed from: use the global RNG.
-        gen = self.micro.generator(self.global_step, self.global_rank) if self._trainer is not None else None
+        gen = self.micro.generator(self.global_step, self.data_rank) if self._trainer is not None else None
         z = self.latents(batch, sample=self.hparams.sample_posterior, generator=gen)
         cond = self.conditioner(batch, drop=True, generator=gen)
         clean = self.clean_frame_mask(z.shape[0], z.shape[2], z.device, generator=gen)
         loss = self.denoiser.loss(z, cond, clean_mask=clean, generator=gen)
         if self._trainer is not None:
             self.log("train/loss", loss, prog_bar=True, batch_size=z.shape[0])
-        return loss
+        # Sequence parallel: each rank's gradients are its tokens' share of its group's, and DDP / FSDP average over
+        # every rank, so the group's P shares must each count P times to give the mean over groups.
+        return loss * self.sequence_parallel
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         """Loss at each fixed t in `val_t` with noise seeded by batch index: comparable across runs and steps."""

@@ -8,22 +8,13 @@
 - `torch.compile`: each DiT block compiled on its own with `fullgraph=True` (no graph breaks; repeated
   blocks share one compiled graph, so compile time does not grow with depth).
 - Sequence parallelism (`scale.sequence_parallel=P`, DeepSpeed-Ulysses, `vidgen.training.sequence_parallel`): the
-  ranks form groups of P consecutive ranks, and each group splits every DiT's tokens P ways. It needs
-  torch.distributed initialised before the model is wrapped, i.e. a training loop of one's own:
-
-      dist.init_process_group(...); parallelize(module, sequence_parallel=P)
-      # every rank of a group: the same batch, the same noise and t; loss * P if gradients are averaged over all ranks
-
-  train.py does not support it yet and stops at start-up with one line. What is missing there:
-  (1) groups: train.py wraps the model before Lightning starts torch.distributed; build them in a `setup` hook;
-  (2) data: the shard loaders (`vidgen.data.base.ShardDataModule`, `vidgen.data.pipeline`) split shards, the
-      shuffle buffer and resampled draws by global rank; a group must read as data-parallel rank `rank // P`
-      of `world_size // P`, so that its ranks get the same batch;
-  (3) randomness: `vidgen.training.rng.step_generator(step, rank)` draws noise, t and text dropout per global
-      rank; it must be keyed on `rank // P`;
-  (4) gradients: each rank holds its tokens' share and DDP averages over all ranks: the loss must be scaled by P;
-  (5) sampling: the sample-logging callback runs on rank 0 alone, where a sequence-parallel DiT would wait
-      forever for its group; it must run on every rank of rank 0's group.
+  ranks form groups of P consecutive ranks, and each group splits every DiT's tokens P ways. With torch.distributed
+  running, `parallelize` builds the groups at once; otherwise (train.py wraps the model before Lightning starts
+  the processes) it records `module.sequence_parallel = P` and the training module builds them in `setup`
+  (`build_sequence_parallel`). A group is one data-parallel rank: its ranks read the same batches
+  (`vidgen.data.position.DataPositionMixin` divides rank and world size by P), draw the same noise (the step
+  generator is keyed on `rank // P`) and scale their loss by P (each rank's gradients are its tokens' share, and
+  DDP / FSDP average over all ranks). The sample-logging callback (rank 0 alone) is refused with it.
 """
 
 from __future__ import annotations
@@ -90,12 +81,22 @@ def apply_fsdp(modules: list[nn.Module], mesh, mixed_precision: bool = False) ->
              mesh.size(), mixed_precision)
 
 
+def build_sequence_parallel(module: nn.Module) -> None:
+    """Split every DiT of `module` over its sequence-parallel group, when `parallelize` deferred it (no process
+    group yet); a no-op for `module.sequence_parallel` 1 or when already done. Collective: call it on every rank."""
+    size = getattr(module, "sequence_parallel", 1)
+    dits = [m for m in module.modules() if isinstance(m, DiT)]
+    if size > 1 and any(dit.sp is None for dit in dits):
+        group = sequence_parallel_group(size)
+        for dit in dits:
+            enable_sequence_parallel(dit, group)
+
+
 def sequence_parallel_group(size: int) -> dist.ProcessGroup:
     """This rank's group of `size` consecutive ranks, `[k*size, (k+1)*size)`; every rank must call it (collective)."""
     if not dist.is_initialized():
-        raise UserError(f"scale.sequence_parallel={size}: needs torch.distributed running before the model is "
-                        f"wrapped, which train.py does not do (nor feed one batch to each group, see "
-                        f"vidgen/training/parallelize.py); use scale.sequence_parallel=1")
+        raise UserError(f"scale.sequence_parallel={size}: needs several processes (e.g. trainer=ddp with "
+                        f"trainer.devices a multiple of {size}); this run has one")
     world = dist.get_world_size()
     if world % size:
         raise UserError(f"scale.sequence_parallel={size} does not divide the world size {world}")
@@ -116,7 +117,10 @@ def parallelize(module: nn.Module, *, activation_checkpointing: bool = False, co
     if sequence_parallel > 1 and not dits:
         raise UserError(f"scale.sequence_parallel={sequence_parallel}: splits a DiT's tokens, and this model has "
                         f"no DiT")
-    sp_group = sequence_parallel_group(sequence_parallel) if sequence_parallel > 1 else None
+    module.sequence_parallel = sequence_parallel  # the data split, noise keys and loss scale of a group follow it
+    sp_group = None
+    if sequence_parallel > 1 and dist.is_initialized():
+        sp_group = sequence_parallel_group(sequence_parallel)
     for dit in dits:
         if sp_group is not None:
             enable_sequence_parallel(dit, sp_group)

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import lightning.pytorch as pl
 import torch
 
+from vidgen.errors import UserError
 from vidgen.eval.clip_score import CLIPScorer
 from vidgen.eval.video_metrics import diversity, flicker, motion
 from vidgen.io.video import save_sample, slug, to_uint8_video
@@ -56,6 +57,12 @@ class SampleLogging(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if trainer.global_step % self.every_n_steps == 0:
             self.log_samples(trainer, pl_module)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if getattr(pl_module, "sequence_parallel", 1) > 1:  # rank 0 alone would wait forever for its group
+            raise UserError(f"callbacks.sample_logging samples on rank 0 alone, which a sequence-parallel DiT "
+                            f"(scale.sequence_parallel={pl_module.sequence_parallel}) cannot do: remove it "
+                            f"(~callbacks.sample_logging) and sample the checkpoints with sample.py")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.log_samples(trainer, pl_module)
