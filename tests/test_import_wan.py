@@ -270,7 +270,7 @@ def test_missing_or_mismatched_files_name_themselves(wan16, tmp_path, capsys):
     assert "num_heads=N" in error(transformer=wan16["root"] / "wan_t2v.pth")  # width 32: no head count to infer
     assert "num_frames=8" in error(num_frames=8)
     assert "shift=fast: expected a number" in error(shift="fast")
-    assert "sampler=dpm: expected one of dpmpp_2m, euler, heun, unipc" in error(sampler="dpm")
+    assert "sampler=dpm: expected one of dmd, dpmpp_2m, euler, heun, unipc" in error(sampler="dpm")
     assert not (tmp_path / "out").exists()
     # The module's command line prints the same one line (no traceback).
     proc = subprocess.run([sys.executable, "-m", "vidgen.io.import_wan", f"transformer={missing}",

@@ -9,10 +9,12 @@ pieces: seeded noise -> schedule -> sampler over `Denoiser.__call__` (clean fram
 call and clean-frame rule that `Denoiser.loss` trains.
 
 Samplers: `euler`, `heun` (one and two calls per step), and the multistep solvers `dpmpp_2m` and `unipc` (one call
-per step, second order from the previous step's prediction). The multistep solvers integrate in the half log-SNR
-lambda = log(alpha_t / sigma_t) with the flow's alpha_t = 1 - t, sigma_t = t (x_t = alpha_t x0 + sigma_t eps), on
-the data prediction x0 = x_t - t v; they equal diffusers' `DPMSolverMultistepScheduler` / `UniPCMultistepScheduler`
-with `use_flow_sigmas=True, prediction_type="flow_prediction"` (Wan 2.1's scheduler) run over the same sigmas
+per step, second order from the previous step's prediction); `dmd`, a distilled student's few-step schedule and
+backward simulation (x0 prediction, then re-noising with seeded noise; `vidgen.diffusion.distill`). The multistep
+solvers integrate in the half log-SNR lambda = log(alpha_t / sigma_t) with the flow's alpha_t = 1 - t, sigma_t = t
+(x_t = alpha_t x0 + sigma_t eps), on the data prediction x0 = x_t - t v; they equal diffusers'
+`DPMSolverMultistepScheduler` / `UniPCMultistepScheduler` with `use_flow_sigmas=True,
+prediction_type="flow_prediction"` (Wan 2.1's scheduler) run over the same sigmas
 (tests/test_solvers.py).
 """
 
@@ -25,6 +27,7 @@ import torch
 from tqdm.auto import trange
 
 from vidgen.diffusion.denoiser import Denoiser
+from vidgen.diffusion.distill import sample_dmd, student_timesteps
 from vidgen.diffusion.flow import RectifiedFlow, num_latent_tokens, time_shift
 from vidgen.diffusion.guidance import ClassifierFreeGuidance
 from vidgen.diffusion.step_cache import StepCache
@@ -175,17 +178,25 @@ def sample_unipc(fn: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: C
 
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"euler": sample_euler, "heun": sample_heun,
-                                                    "dpmpp_2m": sample_dpmpp_2m, "unipc": sample_unipc}
+                                                    "dpmpp_2m": sample_dpmpp_2m, "unipc": sample_unipc,
+                                                    "dmd": sample_dmd}
 
 
-def seeded_noise(shape: Sequence[int], seed: int | Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Standard normal `[B, ...]` float32; sample i from a CPU generator seeded seed[i] (or seed + i)."""
+def seeded_noise(shape: Sequence[int], seed: int | Sequence[int], device: torch.device | str = "cpu",
+                 draws: int | None = None) -> torch.Tensor:
+    """Standard normal `[B, ...]` float32; sample i from a CPU generator seeded seed[i] (or seed + i).
+
+    draws: `[draws, B, ...]`, the successive draws of each sample's generator (the first is the `[B, ...]` noise of
+    draws=None; the others are the `dmd` sampler's re-noising).
+    """
     b = shape[0]
     seeds = [seed + i for i in range(b)] if isinstance(seed, int) else list(seed)
     if len(seeds) != b:
         raise ValueError(f"{len(seeds)} seeds for a batch of {b}")
-    noise = [torch.randn(tuple(shape[1:]), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
-    return torch.stack(noise).to(device)
+    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    noise = torch.stack([torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in gens])
+                         for _ in range(draws or 1)])
+    return (noise if draws else noise[0]).to(device)
 
 
 def _to_batch(cond: dict[str, Any], batch: int, device: torch.device) -> dict[str, Any]:
@@ -232,7 +243,11 @@ def generate(denoiser: Denoiser, cond: dict[str, Any], shape: Sequence[int], ste
         uncond = _to_batch(uncond, 1 if _batch(uncond) == 1 else b, device)
     if uncond is None or guider is None:
         guider = uncond = None
-    x = seeded_noise(shape, seed, device)
+    if sampler == "dmd" and clean_mask is not None:  # its re-noising would noise the given frames
+        raise ValueError("sampler=dmd: a distilled student samples text-to-video only (no image or clip to hold)")
+    sigmas = student_timesteps(steps, shift) if sampler == "dmd" else timesteps(steps, shift)
+    noise = seeded_noise(shape, seed, device, draws=steps if sampler == "dmd" else None)  # dmd: + re-noising
+    x, extra = (noise[0], {"renoise": noise[1:]}) if sampler == "dmd" else (noise, {})
     if clean_mask is not None:
         if clean is None:
             raise ValueError("clean_mask needs the clean latents (clean=...)")
@@ -242,7 +257,7 @@ def generate(denoiser: Denoiser, cond: dict[str, Any], shape: Sequence[int], ste
             raise ValueError(f"clean latents {list(clean.shape)} do not match shape {list(shape)}")
         x = torch.where(clean_mask.expand(b, shape[2])[:, None, :, None, None], clean.expand_as(x), x)
 
-    sigmas = timesteps(steps, shift).to(device)
+    sigmas = sigmas.to(device)
     if step_cache is not None:  # a fresh cache per run; the last step always runs the blocks (as TeaCache)
         denoiser = Denoiser(StepCache(denoiser.net, step_cache, last_t=sigmas[-2].item()), denoiser.flow)
     if start is not None and strength < 1.0:
@@ -255,7 +270,7 @@ def generate(denoiser: Denoiser, cond: dict[str, Any], shape: Sequence[int], ste
     def fn(x_: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
         return denoiser(x_, t_, cond, clean=clean, clean_mask=clean_mask, uncond=uncond, guider=guider)
 
-    return SAMPLERS[sampler](fn, x, sigmas, callback=callback, progress=progress)
+    return SAMPLERS[sampler](fn, x, sigmas, callback=callback, progress=progress, **extra)
 
 
 def _batch(cond: dict[str, Any]) -> int:

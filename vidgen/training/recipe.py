@@ -57,11 +57,14 @@ def check_resume_folder(ckpt_path: str, trainer_cfg: DictConfig) -> None:
 def check_checkpoint_kind(ckpt_path: str, task_name: str) -> None:
     """Stop with one clear line when a checkpoint was written by another task (e.g. a VAE ckpt for a DiT run).
 
-    Sharded folders (FSDP, DeepSpeed) are read back by their own strategy, which checks what it loads.
+    The task is the one `RunMetadata` recorded, else the kind of model the checkpoint holds (a distillation
+    checkpoint holds a "dit" but resumes only as task=distill). Sharded folders (FSDP, DeepSpeed) are read back by
+    their own strategy, which checks what it loads.
     """
     if Path(ckpt_path).is_dir():
         return
-    kind = checkpoint_kind(load_checkpoint(ckpt_path))
+    ckpt = load_checkpoint(ckpt_path)
+    kind = (ckpt.get("vidgen") or {}).get("task") or checkpoint_kind(ckpt)
     if kind != "unknown" and kind != task_name:
         raise ConfigError(f"resume={ckpt_path}: a '{kind}' checkpoint, but this run is task={task_name}")
 
