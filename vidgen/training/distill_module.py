@@ -52,9 +52,10 @@ class DistillModule(DiTModule):
     def __init__(self, dit: nn.Module, conditioner: Conditioner, vae_path: str | None, optimizer: partial,
                  init_from: str | None = None, init_ema: bool = True, flow: dict | None = None, steps: int = 4,
                  shift: float = 1.0, real_guidance: float = 5.0, student_every: int = 5, t_min: float = 0.02,
-                 t_max: float = 0.98) -> None:
+                 t_max: float = 0.98, sample_posterior: bool = True) -> None:
         flow = _plain(flow or {})  # hparams are read from this frame too: plain values, weights_only-loadable
-        super().__init__(dit, conditioner, vae_path, optimizer, flow=flow, init_from=init_from, init_ema=init_ema)
+        super().__init__(dit, conditioner, vae_path, optimizer, flow=flow, init_from=init_from, init_ema=init_ema,
+                         sample_posterior=sample_posterior)
         self.automatic_optimization = False  # two optimizers, two time scales
         if int(student_every) < 1:
             raise UserError(f"task.module.student_every={student_every}: expected >= 1 critic steps per student step")
