@@ -55,6 +55,27 @@ def test_sigkill_and_resume_equals_uninterrupted(demo_shards, tiny_vae_export, t
 
 
 @pytest.mark.slow
+def test_training_longer_from_the_final_checkpoint_equals_one_run(demo_shards, tiny_vae_export, tmp_path):
+    """A run to max_steps=5 (checkpoints every 2 steps: its step 5 is saved by FinalCheckpoint) resumed to 10
+    equals one 10-step run: the final save keeps the epoch in progress, so the resumed run continues it."""
+    ref_root, cut_root = tmp_path / "ref", tmp_path / "cut"
+    ref_root.mkdir(), cut_root.mkdir()
+    assert _run(ref_root, tiny_vae_export, demo_shards, []).returncode == 0
+    first = _run(cut_root, tiny_vae_export, demo_shards, ["trainer.max_steps=5"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpts = cut_root / "runs" / "quickstart_dit" / "checkpoints"
+    assert load_checkpoint(ckpts / "last.ckpt")["global_step"] == 5
+    longer = _run(cut_root, tiny_vae_export, demo_shards, ["resume=auto"])
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    a = load_checkpoint(ref_root / "runs" / "quickstart_dit" / "checkpoints" / "last.ckpt")
+    b = load_checkpoint(ckpts / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == STEPS and a["epoch"] == b["epoch"]
+    d_params = _max_diff(a["state_dict"], b["state_dict"])
+    print(f"5 steps + resume to {STEPS} vs {STEPS} in one run: max |dw| = {d_params:.3g}")
+    assert d_params <= 1e-6
+
+
+@pytest.mark.slow
 def test_sigterm_saves_preempted_checkpoint_then_resumes(demo_shards, tiny_vae_export, tmp_path):
     """SIGTERM (preemption): the step in flight finishes, `preempted.ckpt` is written, resume=auto continues from it."""
     out = _run(tmp_path, tiny_vae_export, demo_shards,

@@ -292,19 +292,30 @@ class NonFiniteGuard(pl.Callback):
 
 
 class FinalCheckpoint(pl.callbacks.ModelCheckpoint):
-    """Lightning's `ModelCheckpoint`, plus a save when training ends at a step it has not saved.
+    """Lightning's `ModelCheckpoint`, plus a save of the step a run ends at.
 
     With `every_n_train_steps: 250` and `max_steps: 400`, Lightning's callback leaves `last.ckpt` at step 250: the
-    run's final 150 steps would reach no checkpoint and no export. This saves them (top-k and last) in
-    `on_train_end`, unless that step is already saved or `NonFiniteGuard` holds checkpoints back (it marks the step
-    as saved). A run stopped by an exception or SIGTERM does not reach `on_train_end` (`PreemptionCheckpoint`).
+    run's final 150 steps would reach no checkpoint and no export. This saves them (top-k and last) at the end of the
+    batch that reaches `max_steps`, while the epoch is still in progress, so that raising `max_steps` and resuming
+    continues that epoch where it stopped, exactly as an uninterrupted run (`tests/test_resume.py`); a run that ends
+    otherwise (max_epochs) is saved in `on_train_end`. Nothing is written for a step already saved or while
+    `NonFiniteGuard` holds checkpoints back (it marks the step as saved). A run stopped by an exception or SIGTERM
+    reaches neither (`PreemptionCheckpoint`).
     """
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _save_final(self, trainer: pl.Trainer) -> None:
         if trainer.global_step > self._last_global_step_saved and not self._should_skip_saving_checkpoint(trainer):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
+            self._save_final(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save_final(trainer)
 
 
 class PreemptionCheckpoint(pl.Callback):
