@@ -33,7 +33,7 @@ from vidgen.conditioning import Conditioner
 from vidgen.diffusion.denoiser import Denoiser
 from vidgen.diffusion.distill import DistributionMatching, student_rollout, student_timesteps
 from vidgen.errors import UserError
-from vidgen.training.dit_module import DiTModule, _plain
+from vidgen.training.dit_module import DiTModule, _plain, param_groups
 
 
 class DistillModule(DiTModule):
@@ -135,7 +135,7 @@ class DistillModule(DiTModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """[student optimizer, critic optimizer], both from `optimizer` (weight decay on linear / conv weights)."""
-        return [self.optimizer_factory(params=_param_groups(m)) for m in (self.dit, self.critic)]
+        return [self.optimizer_factory(params=param_groups(m)) for m in (self.dit, self.critic)]
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_description(self) -> dict[str, Any]:
@@ -149,11 +149,3 @@ class DistillModule(DiTModule):
                                           "student_every": int(self.hparams.student_every)}
         return description
 
-
-def _param_groups(module: nn.Module) -> list[dict[str, Any]]:
-    """Trainable parameters of `module`: weight decay on linear / conv weights, none on norms, biases, tables."""
-    decayed = {id(m.weight) for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))}
-    params = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) in decayed]},
-              {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]

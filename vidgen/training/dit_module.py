@@ -204,12 +204,7 @@ class DiTModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
-        # Weight decay on the weights of linear / conv layers only (not on norms, biases, embeddings, adaLN tables).
-        decayed = {id(m.weight) for m in self.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))}
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if id(p) in decayed]},
-                  {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
-        opt = self.optimizer_factory(params=[g for g in groups if g["params"]])
+        opt = self.optimizer_factory(params=param_groups(self))
         if self.scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt),
@@ -299,6 +294,16 @@ class DiTModule(pl.LightningModule):
                             f"{self.lora.get(diff)!r}); resume with the LoRA settings it was trained with")
         state = checkpoint.get("state_dict") or {}
         checkpoint["state_dict"] = {**{k: v for k, v in self.state_dict().items() if not is_adapter(k)}, **state}
+
+
+def param_groups(module: nn.Module) -> list[dict[str, Any]]:
+    """Trainable parameters of `module` as optimizer groups: weight decay on the weights of linear / conv layers
+    only, none on norms, biases, embeddings and adaLN tables; empty groups left out."""
+    decayed = {id(m.weight) for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))}
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) in decayed]},
+              {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def _plain(value: Any) -> Any:
