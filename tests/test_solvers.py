@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_diffusion import text, tiny_dit  # the same tiny DiT and text context
 from vidgen.diffusion.denoiser import Denoiser
 from vidgen.diffusion.flow import RectifiedFlow, time_shift
 from vidgen.diffusion.guidance import ClassifierFreeGuidance
@@ -17,7 +18,6 @@ from vidgen.diffusion.sampling import SAMPLERS, generate, timesteps
 from vidgen.diffusion.step_cache import DEFAULT_THRESHOLD, StepCache
 from vidgen.models.dit import DiT
 
-TINY = dict(in_channels=4, dim=32, depth=2, num_heads=2, ffn_dim=64, text_dim=24, freq_dim=32)
 
 # Wan 2.1's scheduler (Wan-AI/Wan2.1-T2V-1.3B-Diffusers scheduler_config.json) minus its flow_shift.
 WAN_UNIPC = dict(num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction", predict_x0=True,
@@ -27,19 +27,6 @@ WAN_UNIPC = dict(num_train_timesteps=1000, solver_order=2, prediction_type="flow
 FLOW_DPMPP_2M = dict(num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction",
                      algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
                      use_flow_sigmas=True, final_sigmas_type="zero")
-
-
-def tiny_dit(seed: int = 0) -> DiT:
-    torch.manual_seed(seed)
-    model = DiT(**TINY).eval()
-    with torch.no_grad():  # a non-zero output projection, so predictions are not trivially 0
-        model.proj_out.weight.normal_(0, 0.2)
-    return model
-
-
-def text(b: int, length: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {"context": torch.randn(b, length, 24, generator=g), "context_mask": torch.ones(b, length, dtype=torch.bool)}
 
 
 def diffusers_scheduler(name: str, steps: int, shift: float, ours: bool):
