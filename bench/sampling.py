@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vidgen.pipeline import DiTPipeline  # noqa: E402
+from table import print_table  # bench/table.py, beside this script  # noqa: E402
 
 DEMO_CAPTIONS = Path(__file__).resolve().parents[1] / "data_prep" / "demo_captions.jsonl"
 
@@ -115,14 +116,7 @@ def main() -> None:
     lines = [[label, f"{wall:.2f}", f"{ref_wall / wall:.1f}x", "ref" if i == 0 else f"{psnr(video, ref_video):.1f}",
               "ref" if i == 0 else f"{(latent - ref_latent).abs().mean().item():.3f}"]
              for i, (label, wall, video, latent) in enumerate(results)]
-    if args.markdown:
-        print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-        for line in lines:
-            print("| " + " | ".join(line) + " |")
-    else:
-        print("  ".join(f"{h:>22}" for h in head))
-        for line in lines:
-            print("  ".join(f"{c:>22}" for c in line))
+    print_table(head, lines, args.markdown)
 
 
 if __name__ == "__main__":

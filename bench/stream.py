@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from table import print_table  # bench/table.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = ("A big, fluffy animated white rabbit stands in a green meadow under a bright blue sky, with trees and "
           "flowers around him, in a colourful cartoon style.")
@@ -123,14 +125,7 @@ def main() -> None:
     head = ["mode", "length", "frames", "wall s", "frames/s", "real time x", "first frame s", "peak MiB"]
     lines = [[r["mode"], f"{r['seconds']:g} s", str(r["frames"]), f"{r['wall_s']:.1f}", f"{r['fps']:.1f}",
               f"{r['fps'] / args.fps:.2f}", f"{r['first_frame_s']:.2f}", f"{r['peak_mib']:.0f}"] for r in rows]
-    if args.markdown:
-        print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-        for line in lines:
-            print("| " + " | ".join(line) + " |")
-    else:
-        print("  ".join(f"{h:>13}" for h in head))
-        for line in lines:
-            print("  ".join(f"{c:>13}" for c in line))
+    print_table(head, lines, args.markdown)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from table import print_table  # bench/table.py, beside this script
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model" / "dit"
@@ -278,15 +280,7 @@ def main() -> None:
     fmt = {"params_m": "{:.2f}", "step_s": "{:.3f}", "tokens_s": "{:,.0f}", "tflops": "{:.3f}", "peak_gib": "{:.2f}",
            "mfu": "{:.1%}", "counted_over_formula": "{:.3f}"}
     cells = [[(r.get("error", "") if c not in r else fmt.get(c, "{}").format(r[c])) for c in cols] for r in rows]
-    if args.markdown:
-        print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-        for row in cells:
-            print("| " + " | ".join(row) + " |")
-    else:
-        widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
-        print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
-        for row in cells:
-            print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+    print_table(cols, cells, args.markdown)
     ours = {r["size"]: r for r in rows if r.get("impl", "").startswith("vidgen") and "FSDP" not in r.get("impl", "")
             and "step_s" in r}
     for r in rows:
