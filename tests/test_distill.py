@@ -17,10 +17,11 @@ from runs import train
 from sample import sampling_settings
 from vidgen.conditioning import Conditioner, TextCondition
 from vidgen.diffusion.denoiser import Denoiser
-from vidgen.diffusion.distill import dmd_gradient, student_rollout, student_timesteps
+from vidgen.diffusion.distill import CriticHead, DistributionMatching, dmd_gradient, student_rollout, student_timesteps
 from vidgen.diffusion.flow import RectifiedFlow, time_shift
 from vidgen.diffusion.guidance import ClassifierFreeGuidance
-from vidgen.diffusion.sampling import generate, seeded_noise
+from vidgen.diffusion.sampling import generate, sampler_start, seeded_noise
+from vidgen.diffusion.streaming import PromptSegment, chunk_seeds, self_forcing_rollout, stream_chunks
 from vidgen.errors import UserError
 from vidgen.io.checkpoint import Part, load_checkpoint, read_parts, write_export
 from vidgen.models.dit import DiT
@@ -40,9 +41,12 @@ SMALL = ["model.dit.dim=32", "model.dit.depth=2", "model.dit.num_heads=2", "mode
          "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "data.batch_size=6"]
 
 
-def _tiny_dit(seed: int = 0) -> DiT:
+def _tiny_dit(seed: int = 0, **causal) -> DiT:
     torch.manual_seed(seed)
-    return DiT(in_channels=4, dim=32, depth=2, num_heads=2, ffn_dim=64, text_dim=16, freq_dim=32).eval()
+    return DiT(in_channels=4, dim=32, depth=2, num_heads=2, ffn_dim=64, text_dim=16, freq_dim=32, **causal).eval()
+
+
+CAUSAL = dict(attention="causal", chunk_frames=1, window_chunks=2, sink_chunks=1)
 
 
 def _cond(batch: int) -> dict[str, torch.Tensor]:
@@ -72,6 +76,59 @@ def test_dmd_sampler_equals_training_time_student_sampling():
     assert torch.allclose(z, trained, atol=1e-6, rtol=0)
 
 
+def test_self_forcing_rollout_is_the_streaming_student_sampler():
+    """The training rollout of a streaming student (Self-Forcing: chunk by chunk on its own cached output), with the
+    last step as every chunk's exit, = `stream_chunks(sampler="dmd")` on the same noises; gradients reach the
+    student through each chunk's exit step, and a chunk depends on the chunks the student generated before it."""
+    dit, cond, steps, shift, seeds = _tiny_dit(**CAUSAL), _cond(2), 3, 2.0, [5, 9]
+    with torch.no_grad():  # an output layer that is not zero (as at init), so each chunk depends on its context
+        dit.proj_out.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(2))
+    den, chunks, chunk_shape = Denoiser(dit, RectifiedFlow()), 4, (2, 4, 1, 4, 4)
+    streamed = torch.cat([z for _, z in stream_chunks(den, [PromptSegment(0, cond)], chunks, chunk_shape, steps=steps,
+                                                      shift=shift, sampler="dmd", seed=seeds)], dim=2)
+    starts = [sampler_start("dmd", steps, shift, chunk_shape, chunk_seeds(seeds, 2, c)) for c in range(chunks)]
+    noise = torch.cat([x for x, _, _ in starts], dim=2)                         # [B, C, T, h, w]
+    renoise = torch.cat([extra["renoise"] for _, _, extra in starts], dim=3)    # [steps - 1, B, C, T, h, w]
+    sigmas = starts[0][1]
+    with torch.no_grad():
+        rolled = self_forcing_rollout(den, cond, noise, sigmas, renoise, [steps - 1] * chunks)
+    assert torch.allclose(rolled, streamed, atol=1e-5, rtol=0), (rolled - streamed).abs().max()
+
+    x = self_forcing_rollout(den, cond, noise, sigmas, renoise, [0, 2, 1, 0])  # a random exit step per chunk
+    x.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in dit.parameters() if p.requires_grad)
+    assert dit.blocks[0].attn1.to_q.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # other noise for chunk 0 only: chunk 0 changes, and so does chunk 1 (its context)
+        other = noise.clone()
+        other[:, :, 0] = torch.randn(other[:, :, 0].shape, generator=torch.Generator().manual_seed(3))
+        moved = self_forcing_rollout(den, cond, other, sigmas, renoise, [steps - 1] * chunks)
+    assert (moved[:, :, 1] - rolled[:, :, 1]).abs().max() > 1e-4
+
+
+def test_gan_term_learns_real_from_fake_and_pushes_the_student():
+    """DMD2's GAN term: the critic + head learn to tell real latents (here shifted by +1) from student samples
+    (the loss falls from log 4, chance), and the student's GAN loss sends a gradient to its samples."""
+    torch.manual_seed(0)
+    critic, teacher = _tiny_dit(1), _tiny_dit(2)
+    dmd = DistributionMatching(Denoiser(teacher, RectifiedFlow()), Denoiser(critic, RectifiedFlow()), 1.0,
+                               head=CriticHead(critic.dim))
+    cond, g = _cond(4), torch.Generator().manual_seed(0)
+    real, fake = torch.randn(4, 4, 3, 4, 4, generator=g) + 1.0, torch.randn(4, 4, 3, 4, 4, generator=g)
+    opt = torch.optim.Adam([*critic.parameters(), *dmd.head.parameters()], lr=3e-3)
+    losses = []
+    for step in range(40):
+        loss = dmd.gan_critic_loss(real, fake, cond, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    print(f"GAN critic loss {losses[0]:.3f} -> {losses[-1]:.3f} (chance: log 4 = 1.386)")
+    assert abs(losses[0] - 1.386) < 0.2 and max(losses[-5:]) < 0.8
+    x = fake.clone().requires_grad_()
+    dmd.gan_student_loss(x, cond, generator=torch.Generator().manual_seed(0)).backward()
+    assert x.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
+
+
 def test_dmd_loss_gradient_is_the_normalised_score_difference():
     """d/dx of 0.5 ||x - (x - grad).detach()||^2 (mean) is grad / numel (DMD eq. 7-8)."""
     g = torch.Generator().manual_seed(0)
@@ -85,8 +142,10 @@ def test_dmd_loss_gradient_is_the_normalised_score_difference():
     assert torch.allclose(x.grad, grad / x.numel(), atol=1e-7)
 
 
-@pytest.mark.parametrize("setting", [{"student_every": 0}, {"steps": 0}, {"real_guidance": 0.5}, {"t_min": 0.9, "t_max": 0.1}])
+@pytest.mark.parametrize("setting", [{"student_every": 0}, {"steps": 0}, {"real_guidance": 0.5}, {"t_min": 0.9, "t_max": 0.1},
+                                     {"rollout": "chunks"}, {"rollout": "stream"}])
 def test_bad_setting_is_one_clear_error(setting):
+    """Each bad setting stops with one line naming it (rollout=stream with a bidirectional DiT: it cannot stream)."""
     text = TextCondition(ByteTextEncoder(dim=16, depth=1, num_heads=2), dropout=0.0)
     with pytest.raises(UserError, match=next(iter(setting))):
         DistillModule(_tiny_dit(), Conditioner(text=text), None, partial(torch.optim.AdamW), **setting)
@@ -183,6 +242,49 @@ def test_distilled_student_approaches_teacher_and_samples_with_its_defaults(teac
     assert torch.allclose(sample.latents, after[[0, SEEDS + 1]], atol=1e-4)  # prompt i, seed i: as measured above
 
 
+@torch.no_grad()
+def _streamed(den: Denoiser, pipe: DiTPipeline, steps: int, guidance: float, sampler: str, seeds: int = 8
+              ) -> torch.Tensor:
+    """Streamed latents `[seeds * P, C, t, h, w]` (chunk by chunk, `stream_chunks`) of the demo prompts."""
+    prompts = [p for p in PROMPTS for _ in range(seeds)]
+    t, h, w = pipe.latent_size(**SIZE)
+    guider = ClassifierFreeGuidance(guidance) if guidance != 1 else None
+    seg = PromptSegment(0, pipe.encode_prompts(prompts), pipe.encode_prompts([""]) if guider else None)
+    shape = (len(prompts), pipe.dit.in_channels, 1, h, w)
+    return torch.cat([z for _, z in stream_chunks(den, [seg], t, shape, steps=steps, guider=guider, sampler=sampler,
+                                                  seed=[s for _ in PROMPTS for s in range(seeds)])], dim=2)
+
+
+def test_streaming_student_approaches_the_streamed_teacher(teacher, latents, tiny_vae_export, tmp_path):
+    """rollout=stream (Self-Forcing) through train.py: a causal 2-step student, trained on its own streamed rollouts,
+    streams closer to the teacher's 50-step CFG stream (the teacher's weights run block-causally, as the student
+    and the real score do); its export streams through `DiTPipeline.stream` with its recorded defaults alone."""
+    causal = [f"model.dit.{k}={v}" for k, v in CAUSAL.items()]
+    _distill(tmp_path, teacher, tiny_vae_export, latents, 80, "task.module.rollout=stream", "task.module.student_every=1",
+             *causal)
+    ckpt = tmp_path / "runs" / "distill_demo" / "checkpoints" / "last.ckpt"
+    assert load_checkpoint(ckpt)["vidgen"]["meta"]["distill"]["rollout"] == "stream"
+    student = DiTPipeline.from_pretrained(write_export(read_parts(ckpt), tmp_path / "export"), device="cpu")
+    assert student.dit.causal and student.defaults["sampler"] == "dmd" and student.defaults["steps"] == 2
+
+    base = DiTPipeline.from_pretrained(teacher, device="cpu")
+    teacher_dit = DiT(**{**base.dit.config, **CAUSAL}).eval()
+    teacher_dit.load_state_dict(base.dit.state_dict())
+    teacher_den = Denoiser(teacher_dit, base.flow)
+    reference = _streamed(teacher_den, base, 50, GUIDANCE, "euler")
+    before, after = _streamed(teacher_den, base, 2, 1.0, "dmd"), _streamed(student.denoiser, student, 2, 1.0, "dmd")
+    spread = lambda z: z.reshape(len(PROMPTS), -1, *z.shape[1:]).std(dim=1)  # noqa: E731  [P, C, t, h, w]
+    start, end = ((spread(z) - spread(reference)).abs().mean().item() for z in (before, after))
+    print(f"streaming student (2 steps) vs the teacher's stream (50 steps, CFG {GUIDANCE}): spread distance start "
+          f"{start:.4f} end {end:.4f}")
+    assert end < 0.9 * start
+
+    frames = [x for x, _ in student.stream([(0.0, PROMPTS[1])], seconds=1.0, fps=15, height=32, width=32, seed=0,
+                                           **{k: student.defaults[k] for k in ("steps", "guidance", "sampler")})]
+    video = torch.cat(frames, dim=2)
+    assert video.shape[:2] == (1, 3) and video.shape[2] >= 15 and torch.isfinite(video).all()
+
+
 def test_resuming_from_another_task_is_one_clear_error(teacher):
     """A teacher (task=dit) checkpoint given as resume= of a distillation run stops at start-up."""
     ckpt = teacher.parent / "runs" / "demo_dit" / "checkpoints" / "last.ckpt"
@@ -192,14 +294,15 @@ def test_resuming_from_another_task_is_one_clear_error(teacher):
 
 def test_resume_equals_uninterrupted(teacher, latents, tiny_vae_export, tmp_path):
     """(c) 2N steps in one run = resume=auto from that run's step-N checkpoint to 2N: every tensor of the final
-    checkpoints (student, critic, frozen encoder, EMA of student and critic, both optimizers' moments)."""
+    checkpoints (student, critic and its GAN head, frozen encoder, EMA, both optimizers' moments)."""
     n = 5  # odd: the cut falls between a critic-only step and a student step (student_every=2)
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     ref.mkdir(), (cut / "runs" / "distill_demo" / "checkpoints").mkdir(parents=True)
-    _distill(ref, teacher, tiny_vae_export, latents, 2 * n, f"callbacks.model_checkpoint.every_n_train_steps={n}")
+    gan = ["task.module.gan_critic_weight=0.01", "task.module.gan_student_weight=0.003"]  # with DMD2's GAN term
+    _distill(ref, teacher, tiny_vae_export, latents, 2 * n, f"callbacks.model_checkpoint.every_n_train_steps={n}", *gan)
     shutil.copy(ref / "runs" / "distill_demo" / "checkpoints" / f"step{n:07d}.ckpt",
                 cut / "runs" / "distill_demo" / "checkpoints")
-    _distill(cut, teacher, tiny_vae_export, latents, 2 * n, "resume=auto")
+    _distill(cut, teacher, tiny_vae_export, latents, 2 * n, "resume=auto", *gan)
     a, b = (load_checkpoint(r / "runs" / "distill_demo" / "checkpoints" / "last.ckpt") for r in (ref, cut))
     assert a["global_step"] == b["global_step"] == 2 * n
 
@@ -215,5 +318,5 @@ def test_resume_equals_uninterrupted(teacher, latents, tiny_vae_export, tmp_path
     print(f"distill resume vs uninterrupted after {2 * n} steps: max |dw| {d_params:.3g}, |d ema| {d_ema:.3g}, "
           f"|d adam| {d_opt:.3g}")
     assert len(a["optimizer_states"]) == 2
-    assert any(k.startswith("critic.") for k in a["state_dict"]) and any(k.startswith("dit.") for k in a["state_dict"])
+    assert all(any(k.startswith(p) for k in a["state_dict"]) for p in ("critic.", "critic_head.", "dit."))
     assert d_params <= 1e-6 and d_ema <= 1e-6 and d_opt <= 1e-9

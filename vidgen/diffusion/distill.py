@@ -17,9 +17,13 @@ score (a trainable critic tracking the student's distribution, no guidance) as x
 
     grad = (x0_fake - x0_real) / mean_per_sample |x - x0_real|,     loss = 0.5 ||x - (x - grad).detach()||^2
 
-whose gradient with respect to x is `grad` (divided by the element count). DMD2's optional GAN term on the critic's
-features and DMD1's regression loss are left out: this is the distribution-matching term with the two-time-scale
-update (the caller updates the critic more often than the student).
+whose gradient with respect to x is `grad` (divided by the element count), with the two-time-scale update (the
+caller updates the critic more often than the student). DMD1's regression loss is left out.
+
+DMD2's GAN term (Sec. 4.3), optional: a small classifier `CriticHead` on the critic's last-block tokens tells real
+latents from student samples, both noised to the same DMD level; the critic (with the head) learns it (non-saturating
+loss, `gan_critic_loss`) and the student is pushed to be taken for real (`gan_student_loss`). It is the one term that
+looks at real data: the distribution-matching term alone can only match the teacher, the GAN term can pass it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import trange
 
 from vidgen.diffusion.denoiser import Denoiser
@@ -91,6 +97,18 @@ def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) 
     return torch.nan_to_num(grad)
 
 
+class CriticHead(nn.Module):
+    """DMD2's GAN classifier on the critic's features: last-block tokens `[B, N, D]` -> real/fake logits `[B]`
+    (mean over tokens, then LayerNorm -> Linear -> SiLU -> Linear)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net(tokens.float().mean(dim=1)).squeeze(-1)
+
+
 class DistributionMatching:
     """The DMD2 losses over two denoisers sharing one flow convention.
 
@@ -101,12 +119,12 @@ class DistributionMatching:
     """
 
     def __init__(self, real: Denoiser, fake: Denoiser, real_guidance: float = 5.0, t_min: float = 0.02,
-                 t_max: float = 0.98):
+                 t_max: float = 0.98, head: CriticHead | None = None):
         if not 0.0 <= t_min < t_max <= 1.0:
             raise ValueError(f"t_min={t_min}, t_max={t_max}: expected 0 <= t_min < t_max <= 1")
         self.real, self.fake, self.flow = real, fake, real.flow
         self.guider = ClassifierFreeGuidance(real_guidance) if real_guidance != 1.0 else None
-        self.t_min, self.t_max = t_min, t_max
+        self.t_min, self.t_max, self.head = t_min, t_max, head
 
     def sample_t(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """DMD noise levels `[B]` for x `[B, C, T, H, W]`."""
@@ -138,3 +156,31 @@ class DistributionMatching:
                     generator: torch.Generator | None = None) -> torch.Tensor:
         """The critic's flow-matching loss (`Denoiser.loss`) on detached student samples x `[B, C, T, H, W]`."""
         return self.fake.loss(x.detach(), cond, generator=generator)
+
+    def gan_logits(self, x: torch.Tensor, cond: dict[str, Any], generator: torch.Generator | None = None
+                   ) -> torch.Tensor:
+        """`CriticHead` logits `[B]` (real > 0) of clean latents x `[B, C, T, H, W]` noised to a DMD level: the
+        critic's forward at (x_t, t) up to its last block (the head reads those tokens)."""
+        t = self.sample_t(x, generator)
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        tokens = []
+
+        def capture(h: torch.Tensor, mod: torch.Tensor, run: Any) -> torch.Tensor:
+            h = run(h)
+            tokens.append(h)
+            return h
+
+        self.fake.velocity(self.flow.add_noise(x, noise, t), t, {**cond, "block_stack": capture})
+        return self.head(tokens[0])
+
+    def gan_critic_loss(self, real: torch.Tensor, fake: torch.Tensor, cond: dict[str, Any],
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """Non-saturating GAN loss of the critic + head: softplus(-D(real)) + softplus(D(fake)), fake detached."""
+        return (F.softplus(-self.gan_logits(real, cond, generator)).mean()
+                + F.softplus(self.gan_logits(fake.detach(), cond, generator)).mean())
+
+    def gan_student_loss(self, x: torch.Tensor, cond: dict[str, Any], generator: torch.Generator | None = None
+                         ) -> torch.Tensor:
+        """The student's GAN loss softplus(-D(x)) for its samples x (gradients reach the critic's parameters too:
+        the caller steps only the student's optimizer and clears the critic's gradients)."""
+        return F.softplus(-self.gan_logits(x, cond, generator)).mean()

@@ -199,6 +199,20 @@ def seeded_noise(shape: Sequence[int], seed: int | Sequence[int], device: torch.
     return (noise if draws else noise[0]).to(device)
 
 
+def sampler_start(sampler: str, steps: int, shift: float, shape: Sequence[int], seed: int | Sequence[int],
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(seeded noise x `shape`, sigmas `[steps + 1]`, the sampler's extra arguments) for `steps` steps of `sampler`.
+
+    Every sampler runs the shifted schedule `timesteps(steps, shift)` from one noise draw, except `dmd` (a
+    distilled student): its own `student_timesteps` and `steps - 1` more draws of each sample's generator for the
+    re-noising between its steps.
+    """
+    if sampler != "dmd":
+        return seeded_noise(shape, seed, device), timesteps(steps, shift).to(device), {}
+    noise = seeded_noise(shape, seed, device, draws=steps)
+    return noise[0], student_timesteps(steps, shift).to(device), {"renoise": noise[1:]}
+
+
 def _to_batch(cond: dict[str, Any], batch: int, device: torch.device) -> dict[str, Any]:
     """Move tensors of a conditioning dict to `device` and broadcast a batch of 1 to `batch`."""
     out = {}
@@ -245,9 +259,7 @@ def generate(denoiser: Denoiser, cond: dict[str, Any], shape: Sequence[int], ste
         guider = uncond = None
     if sampler == "dmd" and clean_mask is not None:  # its re-noising would noise the given frames
         raise ValueError("sampler=dmd: a distilled student samples text-to-video only (no image or clip to hold)")
-    sigmas = student_timesteps(steps, shift) if sampler == "dmd" else timesteps(steps, shift)
-    noise = seeded_noise(shape, seed, device, draws=steps if sampler == "dmd" else None)  # dmd: + re-noising
-    x, extra = (noise[0], {"renoise": noise[1:]}) if sampler == "dmd" else (noise, {})
+    x, sigmas, extra = sampler_start(sampler, steps, shift, shape, seed, device)
     if clean_mask is not None:
         if clean is None:
             raise ValueError("clean_mask needs the clean latents (clean=...)")

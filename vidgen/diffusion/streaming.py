@@ -14,6 +14,9 @@ emptied and re-filled by running the cached chunks' clean latents again under th
 re-cache, Yang et al. 2025), so the next chunk continues the same frames under the new prompt instead of cutting.
 Chunks before a switch are computed before it and do not depend on it. Extension: `context` latents (a clip's)
 are pushed through the cache first, chunk by chunk, and generation continues after them.
+
+A distilled streaming student (`sampler="dmd"`, trained on its own rollouts: `self_forcing_rollout`, Self-Forcing)
+runs the same loop with its few-step schedule and no guidance.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from typing import Any
 import torch
 
 from vidgen.diffusion.denoiser import Denoiser
-from vidgen.diffusion.sampling import SAMPLERS, _to_batch, seeded_noise, timesteps
+from vidgen.diffusion.distill import student_rollout
+from vidgen.diffusion.sampling import SAMPLERS, _to_batch, sampler_start, seeded_noise
 
 Cond = dict[str, Any]
 
@@ -85,7 +89,6 @@ def stream_chunks(denoiser: Denoiser, prompts: Sequence[PromptSegment], num_chun
                               None if p.uncond is None else _to_batch(p.uncond, b, device))
                 for p in sorted(prompts, key=lambda p: p.start_chunk)]
     cache = net.new_kv_cache() if cache is None else cache
-    sigmas = timesteps(steps, shift).to(device)
     kept: dict[int, torch.Tensor] = {}  # clean latents of the chunks in the cache (re-cached at a prompt switch)
 
     def segment_at(chunk: int) -> PromptSegment:
@@ -114,7 +117,7 @@ def stream_chunks(denoiser: Denoiser, prompts: Sequence[PromptSegment], num_chun
         if context.shape[2] % frames:
             raise ValueError(f"context has {context.shape[2]} latent frames, not whole chunks of {frames}")
         for i, z in enumerate(context.split(frames, dim=2)):
-            push(z.expand(b, *z.shape[1:]).to(sigmas.device), segment_at(i), i)
+            push(z.expand(b, *z.shape[1:]).to(device), segment_at(i), i)
         n0 = context.shape[2] // frames
     active = segment_at(n0)
     for chunk in range(n0, n0 + num_chunks):
@@ -124,7 +127,36 @@ def stream_chunks(denoiser: Denoiser, prompts: Sequence[PromptSegment], num_chun
             cache.reset()
             for i, z in sorted(kept.items()):
                 push(z, seg, i)
-        x = seeded_noise(chunk_shape, chunk_seeds(seed, b, chunk), sigmas.device)
-        z = SAMPLERS[sampler](lambda x_, t_: call(x_, t_, seg, chunk), x, sigmas)
+        x, sigmas, extra = sampler_start(sampler, steps, shift, chunk_shape, chunk_seeds(seed, b, chunk), device)
+        z = SAMPLERS[sampler](lambda x_, t_: call(x_, t_, seg, chunk), x, sigmas, **extra)
         push(z, seg, chunk)
         yield chunk, z
+
+
+def self_forcing_rollout(denoiser: Denoiser, cond: Cond, noise: torch.Tensor, sigmas: torch.Tensor,
+                         renoise: torch.Tensor, exit_steps: Sequence[int]) -> torch.Tensor:
+    """A causal student's own streamed clip, as `stream_chunks` with `sampler="dmd"` makes it (Self-Forcing, Huang
+    et al. 2025): x0 `[B, C, T, H, W]` with gradients through one step per chunk.
+
+    Chunk by chunk over a KV cache: chunk c runs the student's schedule `sigmas` (`student_rollout`: no gradients
+    before step `exit_steps[c]`, that step's x0 prediction with them), then its (detached) x0 enters the cache by
+    one clean pass (t = 0), so later chunks are conditioned on what the student itself
+    generated, not on real frames: the exposure bias of training on real context is gone (Self-Forcing Sec. 3).
+    noise `[B, C, T, H, W]`, renoise `[steps - 1, B, C, T, H, W]`. With every exit step the last one and the noises
+    `stream_chunks` draws, this is `stream_chunks(sampler="dmd")` exactly (tests/test_distill.py).
+    """
+    net = denoiser.net
+    frames = net.chunk_frames
+    if noise.shape[2] % frames:
+        raise ValueError(f"{noise.shape[2]} latent frames are not whole chunks of chunk_frames={frames}")
+    cache, chunks = net.new_kv_cache(), []
+    for c, sl in enumerate(range(0, noise.shape[2], frames)):
+        part = slice(sl, sl + frames)
+        chunk_cond = _with_cache(cond, cache, sl)
+        z = student_rollout(lambda x, t: denoiser(x, t, chunk_cond), noise[:, :, part], sigmas,
+                            renoise[:, :, :, part], int(exit_steps[c]))
+        with torch.no_grad():  # the clean pass that puts this chunk's keys/values in the cache
+            denoiser(z.detach(), torch.zeros(z.shape[0], device=z.device), chunk_cond)
+            cache.commit(c)
+        chunks.append(z)
+    return torch.cat(chunks, dim=2)
