@@ -25,7 +25,9 @@ SCRIPT = ROOT / "data_prep" / "make_shards.py"
 # The same options as the `demo_shards` fixture (tests/conftest.py), spelled for the CLI.
 DEMO_ARGS = ["--max-side", "128", "--min-frames", "17", "--max-frames", "33", "--shard-size", "4",
              "--workers", "1", "--seed", "0", "--no-progress"]
-FIELDS = {"caption", "fps", "num_frames", "width", "height", "source", "start", "end", "motion"}
+FIELDS = {"caption", "fps", "num_frames", "width", "height", "source", "start", "end", "motion", "has_audio"}
+AUDIO_FIELDS = {"audio_rate", "audio_channels", "audio_samples", "audio_offset", "audio_pad_start", "audio_pad_end",
+                "audio_source"}  # when has_audio (tests/test_audio_data.py checks the audio itself)
 
 
 def read_shards(folder: Path) -> dict[str, list[tuple[str, dict, bytes]]]:
@@ -63,7 +65,8 @@ def test_manifest_tars_and_decoded_metadata_agree(demo_shards):
     assert manifest["options"]["max_side"] == 128 and manifest["options"]["max_frames"] == 33
     for key, meta, mp4 in samples:
         assert re.fullmatch(r"[A-Za-z0-9_]+", key), key
-        assert set(meta) == FIELDS
+        assert set(meta) == FIELDS | (AUDIO_FIELDS if meta["has_audio"] else set())
+        assert meta["has_audio"] == (meta["source"] == "bigbuckbunny.mp4")  # the one demo clip with a soundtrack
         assert meta["source"] in {"bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4"}
         assert meta["caption"] and meta["motion"] >= 0.5
         assert 17 <= meta["num_frames"] <= 33

@@ -16,10 +16,20 @@ class _Common(TypedDict):
     fps: torch.Tensor    # [B] float32: frame rate of the sampled frames (source fps / frame step)
 
 
-class ClipBatch(_Common):
-    """Clip shards (ClipDataModule): pixels of one bucket."""
-
+class _ClipRequired(_Common):
     video: torch.Tensor  # [B, 3, T, H, W] float32 in [-1, 1]
+
+
+class ClipBatch(_ClipRequired, total=False):
+    """Clip shards (ClipDataModule): pixels of one bucket, plus the clips' audio with `data.audio=true`.
+
+    audio: the stored waveform over exactly the sampled frames' time span (vidgen.data.audio.audio_span), at
+    `data.audio_rate` with `data.audio_channels`; one length S per batch. audio_valid: False where it is zeros
+    standing in for missing audio (a clip without audio, an image, padding where the source audio did not reach).
+    """
+
+    audio: torch.Tensor        # [B, C, S] float32 in [-1, 1]
+    audio_valid: torch.Tensor  # [B] bool
 
 
 class _LatentRequired(_Common):

@@ -1,10 +1,12 @@
 """ClipDataModule: clip shards -> one-bucket ClipBatch dicts {"video" [B, 3, T, H, W] in [-1, 1], "caption", "key",
-"fps" [B]}. Shards, split, workers, resampling and loaders: vidgen.data.base.ShardDataModule."""
+"fps" [B]} (+ "audio" [B, C, S], "audio_valid" [B] with `audio`). Shards, split, workers, resampling and loaders:
+vidgen.data.base.ShardDataModule."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from vidgen.data.audio import LAYOUTS
 from vidgen.data.base import ShardDataModule
 from vidgen.data.buckets import BucketAssigner, parse_buckets
 from vidgen.data.decode import resolve_backend
@@ -16,7 +18,8 @@ from vidgen.data.starvation import StarveContext
 class ClipDataModule(ShardDataModule):
     """Lightning data module over clip shards: bucketed, seeded per (seed, epoch), corrupt samples counted.
 
-    Batches: ClipBatch {"video" [B, 3, T, H, W] float32 in [-1, 1], "caption" list[str], "key" list[str], "fps" [B]}.
+    Batches: ClipBatch {"video" [B, 3, T, H, W] float32 in [-1, 1], "caption" list[str], "key" list[str], "fps" [B]}
+    and, with `audio`, "audio" [B, C, S] float32 in [-1, 1] and "audio_valid" [B] bool (vidgen.data.batches).
 
     `train_shards` / `val_shards`: a folder with manifest.json, a .tar, a glob, a brace pattern or a list.
     `val_split`: with no `val_shards`, hold out the last N shards (int) or a fraction of them (float < 1).
@@ -27,6 +30,9 @@ class ClipDataModule(ShardDataModule):
     partial batches. `trigger`: a word put in front of every caption (a style set); `sources`: instead of
     `train_shards`, weighted shard sets `[{shards, weight, trigger}]` mixed per sample (vidgen.data.mixing).
     `rank` / `world_size`: override the detected ones (tests, or loaders built outside a Trainer).
+    `audio`: batches also hold each clip's audio over its sampled frames at `audio_rate` Hz x `audio_channels` (the
+    rate and channels the shards were made with: make_shards --audio-rate/--audio-channels; a clip made otherwise is
+    a counted corrupt drop naming both); clips without audio give zeros with audio_valid False.
     """
 
     def __init__(self, train_shards: str | Sequence[str] | None, val_shards: str | Sequence[str] | None = None,
@@ -37,7 +43,8 @@ class ClipDataModule(ShardDataModule):
                  seed: int = 0, decoder: str = "decord", decoder_threads: int = 1, require_caption: bool = False,
                  drop_last: bool = False, pin_memory: bool = False, prefetch_factor: int = 2,
                  max_empty_draws: int | None = 50, rank: int | None = None, world_size: int | None = None,
-                 log_stats: bool = True, trigger: str | None = None, sources: Sequence[Mapping] | None = None):
+                 log_stats: bool = True, trigger: str | None = None, sources: Sequence[Mapping] | None = None,
+                 audio: bool = False, audio_rate: int = 24000, audio_channels: int = 1):
         super().__init__(locals())
         self.buckets = parse_buckets(self.hparams.buckets)
         # Validate what can be checked without touching the disk, so a bad config fails at instantiation.
@@ -47,6 +54,11 @@ class ClipDataModule(ShardDataModule):
         self.decoder = resolve_backend(decoder)
         if target_fps is not None and int(frame_stride) != 1:
             raise DataConfigError(f"data.target_fps={target_fps} and data.frame_stride={frame_stride}: set one of them")
+        if audio:
+            if int(audio_channels) not in LAYOUTS:
+                raise DataConfigError(f"data.audio_channels={audio_channels}: expected 1 (mono) or 2 (stereo)")
+            if int(audio_rate) <= 0:
+                raise DataConfigError(f"data.audio_rate={audio_rate}: expected a positive sample rate (Hz)")
 
     def build_dataset(self, shards: ShardSet, *, train: bool, resampled: bool, rank: int, world_size: int,
                       context: StarveContext) -> ClipDataset:
@@ -58,4 +70,5 @@ class ClipDataModule(ShardDataModule):
             decoder=self.decoder, decoder_threads=hp.decoder_threads, require_caption=hp.require_caption,
             drop_last=hp.drop_last if train else False, rank=rank, world_size=world_size,
             max_empty_draws=hp.max_empty_draws, context=context, trigger=self.trigger,
-            head=self.head(train, rank, world_size))
+            head=self.head(train, rank, world_size), audio=hp.audio, audio_rate=hp.audio_rate,
+            audio_channels=hp.audio_channels)

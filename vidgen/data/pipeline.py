@@ -20,10 +20,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from vidgen.data.audio import AudioError, audio_fit_frames, audio_span, check_channels, clip_audio, no_audio
 from vidgen.data.batches import ClipBatch
 from vidgen.data.buckets import Assignment, Bucket, BucketAssigner, batch_sizes_per_bucket, normalize, to_bucket_uint8
 from vidgen.data.decode import DecodeError, open_video
-from vidgen.data.sampling import clip_indices, sample_rng
+from vidgen.data.sampling import clip_indices, clip_span, sample_rng
 from vidgen.data.starvation import DataStarvedError, StarveContext, clip_fixes, describe_shards, starved_message
 from vidgen.data.stats import DRAW_KEY, STARVED_KEY, STATS_KEY, LoaderStats, WorkerCounts, worker_id
 
@@ -228,12 +229,24 @@ class ClipTransform(SampleTransform):
     """Raw sample -> {"video" [3, T, H, W] uint8, "caption", "key", "fps", "bucket"}, or a counted drop.
 
     Pixels stay uint8 until `collate` normalises the whole batch at once (a quarter of the copying).
+    `audio`: also "audio" float32 [C, S] in [-1, 1], the clip's stored audio (make_shards' KEY.flac) over exactly
+    the sampled frames' time span (vidgen.data.audio.audio_span), and "audio_valid" (bool: it is all real audio).
+    Clips without audio and images give zeros and False. The clip start is then drawn among those whose span ends
+    inside the clip when any does (the last sampled frame stands for `step` frames of sound). A clip whose audio has
+    another rate or channel count than `audio_rate` / `audio_channels` is a counted `corrupt` drop naming the sample
+    and both settings (a shard set made for another rate starves the loader with that one line).
     """
 
     def __init__(self, assigner: BucketAssigner, counts: WorkerCounts, state: PipelineState, *, train: bool,
-                 seed: int, decoder: str, decoder_threads: int = 1, require_caption: bool = False):
+                 seed: int, decoder: str, decoder_threads: int = 1, require_caption: bool = False,
+                 audio: bool = False, audio_rate: int = 24000, audio_channels: int = 1):
         self.assigner, self.counts, self.state, self.train, self.seed = assigner, counts, state, train, seed
         self.decoder, self.decoder_threads, self.require_caption = decoder, decoder_threads, require_caption
+        self.audio, self.audio_rate, self.audio_channels = bool(audio), int(audio_rate), int(audio_channels)
+        if self.audio:
+            check_channels(self.audio_channels)
+            if self.audio_rate <= 0:
+                raise ValueError(f"audio_rate={audio_rate}: expected a positive sample rate")
 
     def transform(self, raw: dict, key: str) -> dict:
         meta = read_meta(raw)
@@ -243,7 +256,7 @@ class ClipTransform(SampleTransform):
         caption = with_trigger(caption, raw.get(TRIGGER_KEY))
         media = raw.get("mp4")
         if media is not None:
-            return self._video(media, meta, caption, key)
+            return self._video(media, raw.get("flac"), meta, caption, key)
         image_ext = next((e for e in IMAGE_MEMBERS if e in raw), None)
         if image_ext is None:
             raise SampleDrop("corrupt", "no mp4 (or image) member")
@@ -257,7 +270,7 @@ class ClipTransform(SampleTransform):
             raise SampleDrop(plan, detail)
         return plan
 
-    def _video(self, data: bytes, meta: dict, caption: str, key: str) -> dict:
+    def _video(self, data: bytes, flac: bytes | None, meta: dict, caption: str, key: str) -> dict:
         num_frames, width, height, fps = video_fields(meta)
         # Plan from the json first: samples that fit no bucket are dropped without touching the mp4.
         plan = self._plan(num_frames, fps, width, height)
@@ -267,11 +280,26 @@ class ClipTransform(SampleTransform):
             if reader.num_frames < num_frames:
                 # The container is the truth: re-plan for the frames it really holds.
                 plan = self._plan(reader.num_frames, fps, width, height)
-            indices = clip_indices(reader.num_frames, plan.bucket.frames, plan.step, rng)
+            t, step = plan.bucket.frames, plan.step
+            starts_from = (audio_fit_frames(reader.num_frames, t, step, clip_span(t, step)) if self.audio
+                           else reader.num_frames)
+            indices = clip_indices(starts_from, t, step, rng)
             frames = reader.get(indices)  # [T, H, W, 3] uint8
         except DecodeError as e:
             raise SampleDrop("corrupt", str(e)) from None
-        return self._emit(frames, plan.bucket, rng, caption, key, (fps or reader.fps or 0.0) / plan.step)
+        fps = fps or reader.fps or 0.0
+        out = self._emit(frames, plan.bucket, rng, caption, key, fps / plan.step)
+        if self.audio:
+            out.update(self._audio(flac, meta, audio_span(indices[0], t, step, fps, self.audio_rate)))
+        return out
+
+    def _audio(self, flac: bytes | None, meta: dict, span: tuple[int, int]) -> dict:
+        """The clip's audio over the samples span = (start, length) -> {"audio" [C, S], "audio_valid"}."""
+        try:
+            wave, valid = clip_audio(meta, flac, *span, self.audio_rate, self.audio_channels)
+        except AudioError as e:  # AudioMismatch included: the message names both rates
+            raise SampleDrop("corrupt", str(e)) from None
+        return {"audio": wave, "audio_valid": valid}
 
     def _image(self, data: bytes, meta: dict, caption: str, key: str) -> dict:
         try:
@@ -281,7 +309,11 @@ class ClipTransform(SampleTransform):
         fps = float(meta.get("fps") or 0.0)
         plan = self._plan(1, fps, frames.shape[2], frames.shape[1])
         rng = sample_rng(self.seed, self.state.epoch, key) if self.train else None
-        return self._emit(frames, plan.bucket, rng, caption, key, fps)
+        out = self._emit(frames, plan.bucket, rng, caption, key, fps)
+        if self.audio:  # silence as long as the one frame lasts at its nominal fps
+            out.update(audio=no_audio(self.audio_channels, audio_span(0, 1, 1.0, fps, self.audio_rate)[1]),
+                       audio_valid=False)
+        return out
 
     @staticmethod
     def _emit(frames, bucket: Bucket, rng, caption: str, key: str, fps: float) -> dict:
@@ -290,13 +322,18 @@ class ClipTransform(SampleTransform):
 
 
 def collate(samples: list[dict]) -> ClipBatch:
-    """Samples of one bucket -> ClipBatch {"video" [B, 3, T, H, W] float32 in [-1, 1], "caption", "key", "fps" [B]}."""
-    return {
+    """Samples of one bucket -> ClipBatch {"video" [B, 3, T, H, W] float32 in [-1, 1], "caption", "key", "fps" [B]},
+    plus "audio" [B, C, S] float32 and "audio_valid" [B] bool when the samples carry audio (one S per batch)."""
+    batch: ClipBatch = {
         "video": normalize(torch.stack([s["video"] for s in samples])),
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
         "fps": torch.tensor([s["fps"] for s in samples], dtype=torch.float32),
     }
+    if "audio" in samples[0]:
+        batch["audio"] = torch.stack([s["audio"] for s in samples])  # [B, C, S]
+        batch["audio_valid"] = torch.tensor([s["audio_valid"] for s in samples], dtype=torch.bool)
+    return batch
 
 
 class Batcher:
@@ -345,14 +382,18 @@ class Batcher:
 
 
 class BucketBatcher(Batcher):
-    """Clip samples grouped by bucket, batch sizes per Bucket."""
+    """Clip samples grouped by bucket, batch sizes per Bucket.
+
+    With audio, by (bucket, audio samples): clips of one bucket last longer where the source is slower than the
+    target fps (it is read at its own rate), so their audio is longer, and each batch keeps one audio length.
+    """
 
     def __init__(self, batch_sizes: Mapping[Bucket, int], counts: WorkerCounts, drop_last: bool = False):
         super().__init__(counts, drop_last)
         self.batch_sizes = dict(batch_sizes)
 
-    def group(self, sample: dict) -> Bucket:
-        return sample["bucket"]
+    def group(self, sample: dict) -> Bucket | tuple[Bucket, int]:
+        return (sample["bucket"], sample["audio"].shape[-1]) if "audio" in sample else sample["bucket"]
 
     def size(self, sample: dict) -> int:
         return self.batch_sizes[sample["bucket"]]
@@ -405,11 +446,13 @@ def build_clip_dataset(urls: Sequence[str], *, buckets, batch_size, train: bool,
                        decoder_threads: int = 1, require_caption: bool = False, drop_last: bool = False,
                        rank: int | None = None, world_size: int | None = None, max_empty_draws: int | None = 50,
                        context: StarveContext | None = None, trigger: str | None = None,
-                       head: Head | None = None) -> ClipDataset:
+                       head: Head | None = None, audio: bool = False, audio_rate: int = 24000,
+                       audio_channels: int = 1) -> ClipDataset:
     """Shard paths -> ClipDataset yielding one-bucket ClipBatch dicts (see ClipTransform / BucketBatcher).
 
     trigger: a word put in front of every caption; head: the stages up to raw samples (default `source_stages`
-    over `urls`; `vidgen.data.mixing.mixed_stages` draws from several weighted shard sets instead).
+    over `urls`; `vidgen.data.mixing.mixed_stages` draws from several weighted shard sets instead);
+    audio / audio_rate / audio_channels: batches also hold the clips' audio (ClipTransform).
     """
     state = PipelineState()
     context = context or StarveContext("data.train_shards", describe_shards(urls), clip_fixes("data.train_shards"))
@@ -420,7 +463,8 @@ def build_clip_dataset(urls: Sequence[str], *, buckets, batch_size, train: bool,
         world_size=world_size, trigger=trigger)
     stages.append(SkipKeys(state))
     stages.append(ClipTransform(assigner, counts, state, train=train, seed=seed, decoder=decoder,
-                                decoder_threads=decoder_threads, require_caption=require_caption))
+                                decoder_threads=decoder_threads, require_caption=require_caption, audio=audio,
+                                audio_rate=audio_rate, audio_channels=audio_channels))
     stages.append(BucketBatcher(batch_sizes_per_bucket(batch_size, assigner.buckets), counts, drop_last))
     return ClipDataset(*stages, state=state, counts=counts)
 
