@@ -27,6 +27,11 @@ function. Same weights in both modes: a bidirectional checkpoint fine-tunes into
 For scale: `gradient_checkpointing = True` recomputes each block in backward; `DiTBlock` is the FSDP wrap unit
 (`vidgen/training/parallelize.py`); `t` can be any float tensor (no graph breaks under `torch.compile`);
 `sp` splits the tokens over the ranks of a process group (`vidgen.training.sequence_parallel`, Ulysses).
+
+Joint audio + video: `audio_channels > 0` adds an audio stream (`vidgen.models.joint_audio`): audio latents
+`[B, Ca, Ta]` become tokens after the video tokens of one sequence, with temporal RoPE positions on the video's clock
+and adaLN modulation by their own noise level t_audio; `forward(..., audio=, t_audio=)` then returns (v, v_audio).
+With `audio_channels = 0` (default) the DiT has no audio parameter and is exactly the video DiT above.
 """
 
 from __future__ import annotations
@@ -43,9 +48,12 @@ from vidgen.models.layers import Attention, FeedForward, FP32LayerNorm, RotaryEm
     timestep_embedding
 from vidgen.models.base import Configurable, capture_config
 from vidgen.models.causal_attention import ATTENTION_MODES, KVCache, LayerKV, block_causal_mask
+from vidgen.models.joint_audio import AudioStream, JointModulation, audio_times, joint_block_causal_mask
 
+# The blocks' adaLN input: `[B, F, 6, D]` per latent frame, or a `JointModulation` (video + audio tokens).
+Modulation = torch.Tensor | JointModulation
 # `block_stack(x, mod, run) -> x`: runs (or stands in for) the block stack `run` on tokens x (see `DiT.forward`).
-BlockStack = Callable[[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
+BlockStack = Callable[[torch.Tensor, Modulation, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
 
 
 def spatial_position_embedding(frames: int, height: int, width: int, dim: int, device: torch.device | None = None,
@@ -70,6 +78,14 @@ def local_frames(per_frame: torch.Tensor, start: int, end: int, tokens_per_frame
     g = math.gcd(tokens_per_frame, end - start)
     rows = torch.arange(start, end, g, device=per_frame.device) // tokens_per_frame  # frame of each g-token run
     return per_frame[:, rows]
+
+
+def adaln(op: Callable[..., torch.Tensor], x: torch.Tensor, mod: Modulation, *rows: int) -> torch.Tensor:
+    """`op` (`modulate` / `gate`) of tokens x `[B, N, D]` with the rows `rows` of mod `[B, F, 6, D]` (tokens grouped
+    by latent frame), or of a `JointModulation` (video and audio tokens each with their own): `[B, N, D]`."""
+    if isinstance(mod, JointModulation):
+        return mod.apply(op, x, *rows)
+    return op(x, *(mod[:, :, r] for r in rows))
 
 
 class MLPEmbedder(nn.Module):
@@ -119,25 +135,30 @@ class DiTBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None,
-                mod: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                mod: Modulation, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, cache: LayerKV | None = None) -> torch.Tensor:
-        """x `[B, F*S, D]`, context `[B, L, D]`, mod `[B, F, 6, D]` (F = 1: one t per sample), rope `[F*S, Dh/2]`;
-        attn_mask `[F*S, F*S]` (block-causal) and cache (earlier chunks' keys/values) for a causal DiT."""
-        _, _, gate_sa, shift_ff, scale_ff, gate_ff = (self.scale_shift_table[:, None] + mod).unbind(dim=2)
+        """x `[B, N, D]` (N = F*S video tokens, then any audio tokens), context `[B, L, D]`, mod `[B, F, 6, D]`
+        (F = 1: one t per sample) or a `JointModulation`, rope `[N, Dh/2]`; attn_mask `[N, N]` (block-causal) and
+        cache (earlier chunks' keys/values) for a causal DiT."""
+        m = self.modulation(mod)  # rows: shift/scale/gate of self-attention, then of the MLP
         # Residual stream and modulation in float32 (as Wan), sub-layers in the input dtype.
-        h = self.modulated_input(x, mod).type_as(x)
+        h = adaln(modulate, self.norm1(x.float()), m, 0, 1).type_as(x)
         attn = self.attn1(h, rope=(rope_cos, rope_sin), attn_mask=attn_mask, cache=cache)
-        x = (x.float() + gate(attn.float(), gate_sa)).type_as(x)
+        x = (x.float() + adaln(gate, attn.float(), m, 2)).type_as(x)
         h = self.norm2(x.float()).type_as(x)
         x = x + self.attn2(h, context, mask=context_mask)
-        h = modulate(self.norm3(x.float()), shift_ff, scale_ff).type_as(x)
-        x = (x.float() + gate(self.ffn(h).float(), gate_ff)).type_as(x)
+        h = adaln(modulate, self.norm3(x.float()), m, 3, 4).type_as(x)
+        x = (x.float() + adaln(gate, self.ffn(h).float(), m, 5)).type_as(x)
         return x
 
-    def modulated_input(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        """What self-attention sees: adaLN(x) float32 `[B, F*S, D]` for x `[B, F*S, D]`, mod `[B, F, 6, D]`."""
-        shift_sa, scale_sa = (self.scale_shift_table[:, None] + mod)[:, :, :2].unbind(dim=2)
-        return modulate(self.norm1(x.float()), shift_sa, scale_sa)
+    def modulation(self, mod: Modulation) -> Modulation:
+        """This block's adaLN: the shared timestep modulation plus its learned offsets, `[B, F, 6, D]` (or joint)."""
+        table = self.scale_shift_table[:, None]  # [1, 1, 6, D]
+        return mod.plus(table) if isinstance(mod, JointModulation) else table + mod
+
+    def modulated_input(self, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
+        """What self-attention sees: adaLN(x) float32 `[B, N, D]` for x `[B, N, D]`, mod `[B, F, 6, D]` (or joint)."""
+        return adaln(modulate, self.norm1(x.float()), self.modulation(mod), 0, 1)
 
 
 class DiT(nn.Module, Configurable):
@@ -158,6 +179,10 @@ class DiT(nn.Module, Configurable):
     `sink_chunks` chunks (`vidgen.models.causal_attention`); a causal DiT streams with a `KVCache`
     (`forward(kv_cache=...)`, `new_kv_cache()`). The mode is part of the config, so checkpoints record it.
     gradient_checkpointing: recompute blocks in backward (also settable as an attribute).
+    audio_channels: channels Ca of audio latents (wire to the audio VAE); 0 (default) = no audio stream, not one
+    audio parameter. audio_per_latent_frame: a, how many audio latents tile one video latent frame's window (the
+    common clock; the audio VAE gives it): audio `[B, Ca, T * a]` goes with latent `[B, C, T, H, W]`
+    (`vidgen.models.joint_audio`).
     `sp` (attribute, default None): sequence parallelism, each of P ranks running 1/P of the tokens; set by
     `vidgen.training.sequence_parallel.enable_sequence_parallel`; inputs and outputs stay those of one process.
     """
@@ -167,7 +192,8 @@ class DiT(nn.Module, Configurable):
                  patch_size: Sequence[int] = (1, 2, 2), cross_attn_norm: bool = True, qk_norm: bool = True,
                  eps: float = 1e-6, rope_theta: float = 10000.0, timestep_scale: float = 1000.0,
                  text_mask: bool = True, abs_pos: bool = False, attention: str = "full", chunk_frames: int = 1,
-                 window_chunks: int | None = None, sink_chunks: int = 0, gradient_checkpointing: bool = False):
+                 window_chunks: int | None = None, sink_chunks: int = 0, gradient_checkpointing: bool = False,
+                 audio_channels: int = 0, audio_per_latent_frame: int = 1):
         super().__init__()
         self.config = capture_config(DiT, locals())
         if attention not in ATTENTION_MODES:
@@ -177,6 +203,9 @@ class DiT(nn.Module, Configurable):
                              f"{patch_size[0]}")
         if window_chunks is not None and window_chunks < 1:
             raise ValueError(f"window_chunks={window_chunks}: expected >= 1 (or null: every earlier chunk)")
+        if audio_channels < 0 or audio_per_latent_frame < 1:
+            raise ValueError(f"audio_channels={audio_channels}, audio_per_latent_frame={audio_per_latent_frame}: "
+                             f"expected >= 0 (0: no audio) and >= 1")
         self.attention, self.chunk_frames = attention, int(chunk_frames)
         self.window_chunks, self.sink_chunks = window_chunks, int(sink_chunks)
         self.in_channels = in_channels
@@ -198,11 +227,12 @@ class DiT(nn.Module, Configurable):
         self.norm_out = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, self.out_channels * math.prod(self.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.audio_stream = AudioStream(audio_channels, dim, audio_per_latent_frame, eps) if audio_channels else None
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """DiT init: xavier linears, zero biases, N(0, 0.02) time MLP, zero output projection (v = 0 at init)."""
+        """DiT init: xavier linears, zero biases, N(0, 0.02) time MLP, zero output projections (v = 0 at init)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -214,6 +244,8 @@ class DiT(nn.Module, Configurable):
             nn.init.normal_(lin.weight, std=0.02)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
+        if self.audio_stream is not None:
+            self.audio_stream.reset_parameters()
 
     def frame_times(self, t: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
         """t `[B]` -> `[B, 1]`; per-frame t `[B, T]` -> `[B, T / pt]` (a temporal patch takes its first frame's t)."""
@@ -236,33 +268,46 @@ class DiT(nn.Module, Configurable):
             raise ValueError("a KV cache needs a causal DiT (attention=causal); this one attends bidirectionally")
         return KVCache(len(self.blocks), self.window_chunks, self.sink_chunks)
 
-    def self_attention_mask(self, frames: int, tokens_per_frame: int, device: torch.device) -> torch.Tensor | None:
-        """The block-causal mask over `frames` token frames (None for full attention)."""
+    def self_attention_mask(self, frames: int, tokens_per_frame: int, device: torch.device,
+                            num_audio: int = 0) -> torch.Tensor | None:
+        """The block-causal mask over `frames` token frames, then `num_audio` audio tokens (None: full attention)."""
         if not self.causal:
             return None
         per_chunk = self.chunk_frames // self.patch_size[0]
         if frames % per_chunk:
             raise ValueError(f"{frames * self.patch_size[0]} latent frames are not whole chunks of chunk_frames="
                              f"{self.chunk_frames}")
+        if num_audio:  # an audio token is in the chunk of the latent frame whose window it tiles
+            return joint_block_causal_mask(frames // per_chunk, per_chunk * tokens_per_frame,
+                                           num_audio // (frames // per_chunk), self.window_chunks, self.sink_chunks,
+                                           device)
         return block_causal_mask(frames // per_chunk, per_chunk * tokens_per_frame, self.window_chunks,
                                  self.sink_chunks, device)
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 context_mask: torch.Tensor | None = None, frame_offset: int = 0,
-                kv_cache: KVCache | None = None, block_stack: BlockStack | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, block_stack: BlockStack | None = None,
+                audio: torch.Tensor | None = None, t_audio: torch.Tensor | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Velocity `[B, C_out, T, H, W]` of latent z `[B, C, T, H, W]` at flow time t `[B]` or `[B, T]`.
 
-        `frame_offset` shifts the temporal RoPE positions (a window that starts at latent frame `frame_offset`).
+        `frame_offset` shifts the temporal RoPE positions (a window that starts at latent frame `frame_offset`), the
+        audio tokens' with the video's.
         `kv_cache` (causal DiT): z is ONE chunk (`chunk_frames` latent frames) at `frame_offset`; it attends to the
         cached earlier chunks and to itself, and leaves its keys/values pending for `kv_cache.commit`.
-        `block_stack(x [B, N, D], mod [B, F', 6, D], run) -> [B, N, D]` is called in place of `run(x)`, the blocks,
-        and may skip them (a step cache, `vidgen.diffusion.step_cache`).
+        `block_stack(x [B, N, D], mod [B, F', 6, D] | JointModulation, run) -> [B, N, D]` is called in place of
+        `run(x)`, the blocks, and may skip them (a step cache, `vidgen.diffusion.step_cache`).
+        `audio` `[B, Ca, Ta]`, Ta = T * audio_per_latent_frame (a DiT with audio_channels = Ca): audio latents at flow
+        time `t_audio` `[B]` or `[B, Ta]` (None: t, which must then be per sample), joined to the video tokens
+        (`vidgen.models.joint_audio`); the call then returns `(v, v_audio [B, Ca, Ta])`. Not with kv_cache or sp.
         """
         b, c, frames, height, width = z.shape
         pt, ph, pw = self.patch_size
         if c != self.in_channels or frames % pt or height % ph or width % pw:
             raise ValueError(f"latent {list(z.shape)} does not fit in_channels={self.in_channels}, "
                              f"patch_size={self.patch_size} (T, H, W must be multiples of the patch)")
+        if audio is not None or t_audio is not None:
+            self.check_audio(audio, b, frames, kv_cache)
         f, h, w = frames // pt, height // ph, width // pw
 
         x = self.patch_embedding(z)
@@ -274,6 +319,12 @@ class DiT(nn.Module, Configurable):
         if not self.text_mask:
             context_mask = None
         rope_cos, rope_sin = self.rope(f, h, w, offset=(frame_offset // pt, 0, 0), device=z.device)
+        num_video, num_audio = x.shape[1], 0 if audio is None else audio.shape[2]
+        if audio is not None:  # one joint sequence: the audio tokens after the video tokens
+            x_audio, temb_audio, mod_audio, (cos_a, sin_a) = self.audio_tokens(audio, t, t_audio, h, w, frame_offset)
+            x = torch.cat([x, x_audio], dim=1)  # [B, Nv + Ta, D]
+            mod = JointModulation(mod, mod_audio, num_video)
+            rope_cos, rope_sin = torch.cat([rope_cos, cos_a]), torch.cat([rope_sin, sin_a])  # [Nv + Ta, Dh/2]
         if kv_cache is not None:
             if not self.causal:
                 raise ValueError("kv_cache given to a DiT with attention=full: only a causal DiT streams")
@@ -285,7 +336,7 @@ class DiT(nn.Module, Configurable):
                                  "enable_sequence_parallel(dit, None)")
             attn_mask, caches = None, kv_cache.layers
         else:
-            attn_mask, caches = self.self_attention_mask(f, h * w, z.device), [None] * len(self.blocks)
+            attn_mask, caches = self.self_attention_mask(f, h * w, z.device, num_audio), [None] * len(self.blocks)
         if self.sp is not None:  # this rank's tokens; attention exchanges them for heads, the mask stays whole
             start, end = self.sp.token_range(x.shape[1])
             x, rope_cos, rope_sin = x[:, start:end], rope_cos[start:end], rope_sin[start:end]  # [B, N/P, D], [N/P, ..]
@@ -301,11 +352,39 @@ class DiT(nn.Module, Configurable):
             return x
 
         x = run(x) if block_stack is None else block_stack(x, mod, run)
+        if audio is not None:
+            x, x_audio = x[:, :num_video], x[:, num_video:]  # [B, Nv, D], [B, Ta, D]
 
         shift, scale = (self.scale_shift_table[:, None] + temb[:, :, None]).unbind(dim=2)  # [B, F', D] each
         x = modulate(self.norm_out(x.float()), shift, scale).type_as(x)
         x = self.proj_out(x)  # [B, N, pt*ph*pw*C_out]
         if self.sp is not None:
             x = self.sp.gather_tokens(x)  # [B, N/P, ..] on each rank -> [B, N, ..] on every rank
-        return rearrange(x, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)",
-                         f=f, h=h, w=w, pt=pt, ph=ph, pw=pw)
+        v = rearrange(x, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)", f=f, h=h, w=w, pt=pt, ph=ph, pw=pw)
+        return v if audio is None else (v, self.audio_stream.head(x_audio, temb_audio))
+
+    def check_audio(self, audio: torch.Tensor | None, batch: int, frames: int, kv_cache: KVCache | None) -> None:
+        """Refuse, with one clear line, audio that this DiT or this call cannot take."""
+        if audio is None:
+            raise ValueError("t_audio given without audio: pass audio [B, Ca, Ta] too, or neither")
+        if self.audio_stream is None:
+            raise ValueError("audio given to a DiT with audio_channels=0 (no audio stream): build it with "
+                             "audio_channels = the audio latent channels")
+        if kv_cache is not None:
+            raise ValueError("audio does not stream: a kv_cache (chunk by chunk) forward takes no audio; generate "
+                             "joint audio + video as whole clips")
+        if self.sp is not None:
+            raise ValueError("audio does not run sequence-parallel: turn it off with enable_sequence_parallel(dit, "
+                             "None)")
+        self.audio_stream.check(audio, batch, frames)
+
+    def audio_tokens(self, audio: torch.Tensor, t: torch.Tensor, t_audio: torch.Tensor | None, height: int,
+                     width: int, frame_offset: int,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Audio `[B, Ca, Ta]` -> its tokens `[B, Ta, D]`, time embedding `[B, Ta | 1, D]`, modulation
+        `[B, Ta | 1, 6, D]` and RoPE (cos, sin) `[Ta, Dh/2]` beside a video token grid height x width."""
+        b, _, num_audio = audio.shape
+        temb, mod = self.condition_embedder.time(audio_times(t, t_audio, b, num_audio, audio.device))
+        pt = self.patch_size[0]
+        positions = self.audio_stream.rope_positions(num_audio, height, width, pt, frame_offset // pt, audio.device)
+        return self.audio_stream.embed(audio), temb, mod, self.rope.at(positions)

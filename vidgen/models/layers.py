@@ -4,7 +4,8 @@
 - `Attention`: multi-head self/cross attention over `F.scaled_dot_product_attention`, optional
   QK RMS-norm across heads (Wan 2.1) and rotary embeddings, boolean key padding mask.
 - `RotaryEmbedding3D`: 3D RoPE whose head dim is split over (t, h, w) exactly as Wan 2.1 / diffusers'
-  `WanRotaryPosEmbed`; `apply_rope` rotates interleaved channel pairs (x[2i], x[2i+1]).
+  `WanRotaryPosEmbed` (or at explicit, fractional positions); `apply_rope` rotates interleaved channel pairs
+  (x[2i], x[2i+1]).
 - `FeedForward`: Linear -> GELU(tanh) -> Linear.
 - `timestep_embedding`: sinusoidal frequency embedding (DDPM / "Attention is all you need"), cos first.
 - `modulate` / `gate`: adaLN (DiT, Peebles & Xie 2023, Sec. 3.2) applied per latent frame: tokens are
@@ -86,6 +87,7 @@ class RotaryEmbedding3D(nn.Module):
     `forward(f, h, w, offset)` -> `(cos, sin)`, each `[f*h*w, head_dim/2]` float32, tokens in (f h w) order.
     Angles are computed in float64 on the fly (no buffers: safe to build on the meta device), matching
     diffusers' `WanRotaryPosEmbed` tables. `offset` shifts positions (e.g. frames of a streaming window).
+    `at(positions [N, 3])` gives the same for tokens at explicit, possibly fractional, positions.
     """
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
@@ -95,10 +97,10 @@ class RotaryEmbedding3D(nn.Module):
 
     def forward(self, f: int, h: int, w: int, offset: tuple[int, int, int] = (0, 0, 0),
                 device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = torch.float32 if device is not None and torch.device(device).type == "mps" else torch.float64
+        dtype = angle_dtype(device)
         angles = []
         for n, dim, off in zip((f, h, w), self.axis_dims, offset):
-            inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=dtype, device=device) / dim))  # [dim/2]
+            inv_freq = self.inv_freq(dim, dtype, device)  # [dim/2]
             pos = torch.arange(n, dtype=dtype, device=device) + off
             angles.append(torch.outer(pos, inv_freq))  # [n, dim/2]
         grid = torch.cat([  # every token gets (t-angles | h-angles | w-angles)
@@ -108,6 +110,24 @@ class RotaryEmbedding3D(nn.Module):
         ], dim=-1)
         grid = rearrange(grid, "f h w d -> (f h w) d")  # [N, head_dim/2]
         return grid.cos().float(), grid.sin().float()
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(cos, sin)`, each `[N, head_dim/2]` float32, of tokens at explicit (t, h, w) positions `[N, 3]`, which may
+        be fractional (the audio tokens of `vidgen.models.joint_audio`); at integer positions it equals `forward`."""
+        dtype = angle_dtype(positions.device)
+        pos = positions.to(dtype)
+        grid = torch.cat([torch.outer(pos[:, axis], self.inv_freq(dim, dtype, positions.device))  # [N, dim/2]
+                          for axis, dim in enumerate(self.axis_dims)], dim=-1)  # [N, head_dim/2]
+        return grid.cos().float(), grid.sin().float()
+
+    def inv_freq(self, dim: int, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
+        """Rotation frequencies `[dim/2]` of one axis with `dim` channels: theta^(-2i/dim)."""
+        return 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=dtype, device=device) / dim))
+
+
+def angle_dtype(device: torch.device | None) -> torch.dtype:
+    """RoPE angles in float64 (diffusers' tables), float32 on MPS (which has no float64)."""
+    return torch.float32 if device is not None and torch.device(device).type == "mps" else torch.float64
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
