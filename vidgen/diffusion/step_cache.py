@@ -46,7 +46,9 @@ class StepCache:
         self.distance = 0.0  # relative L1 change of the signal summed since then
 
     def __call__(self, z: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        final = torch.as_tensor(t).max().item() <= self.last_t
+        # The last step of every modality runs the blocks (video-to-audio: the video's t is 0 throughout).
+        final = max(torch.as_tensor(t).max().item(), torch.as_tensor(cond.get("t_audio", 0.0)).max().item()) \
+            <= self.last_t
         return self.dit(z, t, **cond, block_stack=functools.partial(self.blocks, final=final))
 
     def blocks(self, x: torch.Tensor, mod: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor],

@@ -171,7 +171,7 @@ def diffusers_config_from_state(sd: dict[str, torch.Tensor], num_heads: int | No
 def diffusers_config_from_dit(cfg: dict[str, Any], where: str = "dit") -> dict[str, Any]:
     """Our `DiT` config -> the `WanTransformer3DModel` config that computes the same function (one line if none)."""
     fixed = {"timestep_scale": 1000.0, "rope_theta": 10000.0, "text_mask": False, "qk_norm": True, "abs_pos": False,
-             "attention": "full"}
+             "attention": "full", "audio_channels": 0}
     for key, value in fixed.items():
         if cfg.get(key, value) != value:
             raise WeightsError(f"{where}: config {key}={cfg[key]!r} does not map to diffusers' {DIFFUSERS_CLASS} "
