@@ -153,20 +153,24 @@ def test_four_ranks_equal_one_process(tmp_path):
 @pytest.mark.slow
 def test_train_py_two_ranks_as_one_group_equal_one_process(demo_shards, tiny_vae_export, tmp_path):
     """train.py with 2 gloo ranks in ONE sequence-parallel group (they read the same batches, draw the same noise,
-    split every sample's tokens) trains the same weights as one process on its own."""
+    split every sample's tokens) trains the same weights as one process on its own: under DDP, and under FSDP2
+    sharding the weights over the same two ranks (SP composed with FSDP)."""
     common = [*tiny_dit_overrides(tiny_vae_export, demo_shards), "data.val_split=null", "data.num_workers=0",
               "trainer.max_steps=3", "task.module.optimizer.lr=1e-2", "task.module.scheduler.warmup_steps=1",
               "data.buckets=[[9,32,32]]"]
-    runs = {"one": [], "sp": ["trainer=ddp_cpu", "scale.sequence_parallel=2"]}
+    runs = {"one": [], "sp": ["trainer=ddp_cpu", "scale.sequence_parallel=2"],
+            "sp_fsdp": ["trainer=fsdp_cpu", "scale.sequence_parallel=2"]}  # FSDP2 shards the weights over the group
     for name, extra in runs.items():
         (tmp_path / name).mkdir()
         train([*common, *extra], tmp_path / name)
     parts = {name: read_parts(tmp_path / name / "runs" / "quickstart_dit" / "checkpoints" / "last.ckpt", ema=False)
              for name in runs}
-    diff = max((parts["sp"].parts["dit"].state[k] - v).abs().max().item()
-               for k, v in parts["one"].parts["dit"].state.items())
-    print(f"train.py, 2 ranks x sequence_parallel=2 vs 1 process, 3 steps: DiT weights max |diff| {diff:.2e}")
-    assert parts["sp"].info["global_step"] == 3 and diff < 1e-4  # lr 1e-2: float sums in another order
+    for name in ("sp", "sp_fsdp"):
+        diff = max((parts[name].parts["dit"].state[k] - v).abs().max().item()
+                   for k, v in parts["one"].parts["dit"].state.items())
+        print(f"train.py, 2 ranks {name} (sequence_parallel=2) vs 1 process, 3 steps: DiT weights max |diff| "
+              f"{diff:.2e}")
+        assert parts[name].info["global_step"] == 3 and diff < 1e-4  # lr 1e-2: float sums in another order
     logged = [o for o in common if o != "~callbacks.sample_logging"]  # quickstart_dit logs samples
     out = train([*logged, "trainer=ddp_cpu", "scale.sequence_parallel=2"], tmp_path / "sp", check=False)
     assert out.returncode == 2 and "callbacks.sample_logging samples on rank 0 alone" in out.stderr
