@@ -2,6 +2,7 @@
 
     python bench/stream.py                                   # the stream demo's causal DiT (make stream-demo), CPU
     python bench/stream.py --ckpt runs/quickstart_stream/export --seconds 1 10 60 --markdown
+    python bench/stream.py --ckpt runs/distill_stream_demo/export --sampler dmd --steps 4 --guidance 1  # the student
     python bench/stream.py --device cuda --layout wan21_1.3b --height 480 --width 832   # GPU: the 1.3B layout, bf16
 
 Each (mode, length) runs in a fresh process: peak memory is that process's peak RSS on CPU (`max_memory_allocated`
@@ -60,7 +61,7 @@ def child(args: argparse.Namespace) -> dict:
     if args.mode == "stream":
         with VideoWriter(Path(tempfile.mkdtemp()) / "s.mp4", fps=args.fps) as out:
             for x, _ in pipe.stream([(0.0, PROMPT)], args.length, args.fps, args.height, args.width,
-                                    steps=args.steps, guidance=args.guidance):
+                                    steps=args.steps, guidance=args.guidance, sampler=args.sampler):
                 out.write(to_uint8_video(x[0]))
                 sync()
                 first = first if first is not None else time.perf_counter() - start
@@ -68,7 +69,8 @@ def child(args: argparse.Namespace) -> dict:
     else:
         cf = pipe.dit.chunk_frames
         n = pipe.vae.pixel_frames(-(-(pipe.latent_frame_of(total - 1) + 1) // cf) * cf)  # whole chunks, as streamed
-        video = pipe([PROMPT], n, args.height, args.width, steps=args.steps, guidance=args.guidance).video
+        video = pipe([PROMPT], n, args.height, args.width, steps=args.steps, guidance=args.guidance,
+                     sampler=args.sampler).video
         sync()
         frames = video.shape[2]
         first = time.perf_counter() - start  # nothing is shown before the whole window is done
@@ -90,6 +92,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=112)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--sampler", default="euler", help="dmd for a distilled streaming student (with --steps 4 "
+                   "--guidance 1: experiment=distill_stream_demo)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--layout", default=None, help="a configs/model/dit name (e.g. wan21_1.3b): random causal DiT")
     p.add_argument("--threads", type=int, default=1)
@@ -120,8 +124,8 @@ def main() -> None:
             print(f"  {mode:<7}{seconds:>5g} s  {r['frames']:>5} frames  {r['wall_s']:7.1f} s  {r['fps']:6.1f} frames/s"
                   f"  first frame {r['first_frame_s']:6.2f} s  peak {r['peak_mib']:6.0f} MiB", flush=True)
     machine = f"{platform.processor() or platform.machine()}, {args.device}, {args.threads} thread(s)"
-    print(f"\n{machine}; {args.ckpt}; {args.height}x{args.width} at {args.fps:g} fps, {args.steps} steps, "
-          f"guidance {args.guidance:g}" + (f"; DiT layout {args.layout} (random weights)" if args.layout else ""))
+    print(f"\n{machine}; {args.ckpt}; {args.height}x{args.width} at {args.fps:g} fps, {args.steps} {args.sampler} "
+          f"steps, guidance {args.guidance:g}" + (f"; DiT layout {args.layout} (random weights)" if args.layout else ""))
     head = ["mode", "length", "frames", "wall s", "frames/s", "real time x", "first frame s", "peak MiB"]
     lines = [[r["mode"], f"{r['seconds']:g} s", str(r["frames"]), f"{r['wall_s']:.1f}", f"{r['fps']:.1f}",
               f"{r['fps'] / args.fps:.2f}", f"{r['first_frame_s']:.2f}", f"{r['peak_mib']:.0f}"] for r in rows]
