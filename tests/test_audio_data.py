@@ -317,3 +317,26 @@ def test_a_sidecar_added_later_redoes_only_that_source(sources, tmp_path):
     second = build_shards(src, out, **kw)
     assert (second["audio"]["with_audio"], second["audio"]["without_audio"]) == (4, 0)
     assert len(set(out.glob(".work/*/*.tar")) - works) == 1  # aac.mp4's work was reused
+
+
+# ---------------------------------------------------------------------------------------------- writing sound
+@pytest.mark.parametrize("frames, fps, rate, channels", [(17, 15, 24000, 1), (9, 15, 16000, 2), (33, 30, 24000, 1)])
+def test_saved_sample_has_video_and_audio_of_equal_duration(tmp_path, frames, fps, rate, channels):
+    """save_sample with audio: the mp4 holds an H.264 and an AAC stream whose decoded durations agree within one
+    video frame, and STEM.wav holds the samples given (16-bit PCM: within one quantisation step)."""
+    import wave
+
+    from vidgen.io.video import save_sample, stream_durations
+
+    video = torch.rand(3, frames, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    s = round(frames / fps * rate)
+    tone = 0.5 * np.sin(2 * np.pi * 440 * np.arange(s) / rate)
+    audio = torch.tensor(np.stack([tone * (c + 1) / channels for c in range(channels)]), dtype=torch.float32)
+    mp4, _ = save_sample(tmp_path / "clip", video, fps, audio=audio, audio_rate=rate)
+    durations = stream_durations(mp4)
+    print(f"{frames} frames at {fps} fps + {s} samples at {rate} Hz: durations {durations}")
+    assert durations["video"] == pytest.approx(frames / fps) and abs(durations["audio"] - durations["video"]) < 1 / fps
+    with wave.open(str(tmp_path / "clip.wav")) as w:
+        assert (w.getnchannels(), w.getframerate(), w.getnframes()) == (channels, rate, s)
+        pcm = np.frombuffer(w.readframes(s), dtype="<i2").reshape(s, channels).T / 32767.0
+    assert np.abs(pcm - audio.numpy()).max() <= 1 / 32767 + 1e-6

@@ -30,8 +30,10 @@ def encoded_fps(fps: float) -> float:
     return float(_fps_fraction(fps))
 
 
-def encode_video(frames: np.ndarray, fps: float, crf: int = 18, codec: str = "libx264") -> bytes:
-    """Encode RGB frames [T, H, W, 3] uint8 to an H.264 mp4 in memory (yuv420p, even sides)."""
+def encode_video(frames: np.ndarray, fps: float, crf: int = 18, codec: str = "libx264",
+                 audio: np.ndarray | None = None, audio_rate: int | None = None) -> bytes:
+    """Encode RGB frames [T, H, W, 3] uint8 to an H.264 mp4 in memory (yuv420p, even sides); with `audio`
+    (float [C, S] in [-1, 1], C = 1 or 2, at `audio_rate` Hz) an AAC track is muxed beside it."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"encode_video expects uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
@@ -45,12 +47,76 @@ def encode_video(frames: np.ndarray, fps: float, crf: int = 18, codec: str = "li
         stream = container.add_stream(codec, rate=_fps_fraction(fps))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.options = {"crf": str(crf), "preset": "medium"} if codec == "libx264" else {}
-        for frame in frames:
+        sound = _AudioTrack(container, audio, audio_rate) if audio is not None else None
+        for i, frame in enumerate(frames):
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
+            if sound is not None:  # interleaved: the audio up to the end of this frame
+                sound.write_until((i + 1) / float(_fps_fraction(fps)))
         for packet in stream.encode():
             container.mux(packet)
+        if sound is not None:
+            sound.close()
     return buf.getvalue()
+
+
+class _AudioTrack:
+    """An AAC stream of `container` fed from float audio [C, S] in [-1, 1] in pieces (`write_until(seconds)`)."""
+
+    def __init__(self, container: av.container.OutputContainer, audio: np.ndarray, rate: int | None):
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.ndim != 2 or audio.shape[0] not in (1, 2) or not rate:
+            raise ValueError(f"audio must be float [C, S] with C = 1 or 2 and a rate, got {audio.shape} at {rate}")
+        self.audio, self.rate, self.done = np.clip(audio, -1.0, 1.0), int(rate), 0
+        self.stream = container.add_stream("aac", rate=self.rate)
+        self.stream.layout = "mono" if audio.shape[0] == 1 else "stereo"
+        self.container = container
+
+    def write_until(self, seconds: float) -> None:
+        end = min(self.audio.shape[1], round(seconds * self.rate))
+        if end > self.done:
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(self.audio[:, self.done:end]), format="fltp",
+                                               layout=self.stream.layout.name)
+            frame.rate, frame.pts, self.done = self.rate, self.done, end
+            for packet in self.stream.encode(frame):
+                self.container.mux(packet)
+
+    def close(self) -> None:
+        self.write_until(self.audio.shape[1] / self.rate)
+        for packet in self.stream.encode():
+            self.container.mux(packet)
+
+
+def write_wav(path: str | os.PathLike, audio: np.ndarray, rate: int) -> Path:
+    """Write float audio [C, S] in [-1, 1] as a 16-bit PCM WAV file."""
+    import wave
+
+    audio = np.asarray(audio, dtype=np.float32)
+    pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2").T  # [S, C] interleaved
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(audio.shape[0])
+        out.setsampwidth(2)
+        out.setframerate(int(rate))
+        out.writeframes(pcm.tobytes())
+    return path
+
+
+def stream_durations(path: str | os.PathLike) -> dict[str, float]:
+    """{"video": seconds, "audio": seconds} of a media file's first video / audio stream, from the decoded frames
+    (frame count / rate for video; decoded samples / rate for audio, the encoder's priming samples trimmed)."""
+    out = {}
+    with av.open(str(path)) as container:
+        if container.streams.video:
+            v = container.streams.video[0]
+            n = sum(1 for _ in container.decode(v))
+            out["video"] = n / float(v.average_rate or v.guessed_rate)
+    with av.open(str(path)) as container:
+        if container.streams.audio:
+            a = container.streams.audio[0]
+            out["audio"] = sum(f.samples for f in container.decode(a)) / a.rate
+    return out
 
 
 class VideoWriter:
@@ -97,13 +163,15 @@ class VideoWriter:
             os.replace(self.partial, self.path)
 
 
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: int = 18) -> Path:
-    """Write RGB frames [T, H, W, 3] uint8 to an H.264 mp4 file (odd sides are cropped by one pixel)."""
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: int = 18,
+                audio: np.ndarray | None = None, audio_rate: int | None = None) -> Path:
+    """Write RGB frames [T, H, W, 3] uint8 to an H.264 mp4 file (odd sides are cropped by one pixel), with an AAC
+    track from `audio` float [C, S] at `audio_rate` when given."""
     frames = np.asarray(frames)
     frames = frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_video(frames, fps, crf=crf))
+    path.write_bytes(encode_video(frames, fps, crf=crf, audio=audio, audio_rate=audio_rate))
     return path
 
 
@@ -189,11 +257,16 @@ def slug(text: str, length: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower())[:length].strip("_")
 
 
-def save_sample(stem: str | os.PathLike, video: torch.Tensor, fps: float) -> tuple[Path, Path]:
-    """Write `STEM.mp4` (H.264) and `STEM.png` (contact sheet) for a video `[3, T, H, W]` in [-1, 1]."""
+def save_sample(stem: str | os.PathLike, video: torch.Tensor, fps: float, audio: torch.Tensor | None = None,
+                audio_rate: int | None = None) -> tuple[Path, Path]:
+    """Write `STEM.mp4` (H.264) and `STEM.png` (contact sheet) for a video `[3, T, H, W]` in [-1, 1]; with `audio`
+    `[C, S]` in [-1, 1] at `audio_rate` Hz, the mp4 gets an AAC track and `STEM.wav` is written beside it."""
     stem = Path(stem)
     frames = to_uint8_video(video)  # [T, H, W, 3]
-    mp4 = write_video(stem.with_suffix(".mp4"), frames, fps=fps)
+    sound = None if audio is None else audio.detach().float().cpu().numpy()
+    if sound is not None:
+        write_wav(stem.with_suffix(".wav"), sound, audio_rate)
+    mp4 = write_video(stem.with_suffix(".mp4"), frames, fps=fps, audio=sound, audio_rate=audio_rate)
     png = stem.with_suffix(".png")
     contact_sheet(frames).save(png)
     return mp4, png
