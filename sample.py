@@ -1,7 +1,9 @@
 """Sample videos from a DiT: `python sample.py ckpt=PATH prompt="..."` (see configs/sample.yaml for every option).
 
 `ckpt` is a DiT checkpoint (file, FSDP or DeepSpeed folder) or an export folder (python -m vidgen.io.checkpoint). Writes per prompt
-`NAME.mp4`, `NAME.png` (contact sheet) and `NAME.json` (the exact settings) under `out_dir`.
+`NAME.mp4`, `NAME.png` (contact sheet) and `NAME.json` (the exact settings) under `out_dir`. A joint audio + video
+checkpoint also samples sound: the mp4 gets an AAC track and `NAME.wav` sits beside it, at the frame rate of the
+checkpoint's audio clock (not `fps`); with `video=CLIP` (and no `video_frames`) it generates the clip's sound.
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ def run(cfg: DictConfig) -> list[Path]:
     pipe = DiTPipeline.from_pretrained(cfg.ckpt, ema=cfg.ema, device=cfg.device, vae=cfg.vae)
     num_frames, height, width = (cfg[k] if cfg[k] is not None else pipe.defaults.get(k)
                                  for k in ("num_frames", "height", "width"))
-    if cfg.strength is not None and cfg.num_frames is None and video is not None:  # remix the whole clip
+    whole_clip = cfg.strength is not None or (pipe.joint and cfg.video_frames is None)  # remix / video-to-audio
+    if whole_clip and cfg.num_frames is None and video is not None:  # the whole clip
         num_frames = 1 + (video.shape[0] - 1) // pipe.vae.temporal_factor * pipe.vae.temporal_factor
     if cfg.mode == "stream":
         if None in (height, width):
@@ -150,6 +153,9 @@ def run(cfg: DictConfig) -> list[Path]:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    fps = pipe.fps or cfg.fps  # a joint checkpoint's frames keep its audio clock
+    if pipe.joint and abs(fps - cfg.fps) > 1e-6:
+        print(f"joint audio + video checkpoint: writing at its {fps:g} fps (the audio clock), not fps={cfg.fps}")
     batches = [prompts[i:i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
     for b, batch in enumerate(tqdm(batches, desc="prompts", disable=len(batches) == 1)):
         out = pipe([p["prompt"] for p in batch], num_frames, height, width, seed=[p["seed"] for p in batch],
@@ -157,12 +163,13 @@ def run(cfg: DictConfig) -> list[Path]:
                    **sampling)
         for j, item in enumerate(batch):
             index = b * cfg.batch_size + j
-            settings = {"prompt": item["prompt"], "seed": item["seed"], **out.settings, "fps": cfg.fps,
+            settings = {"prompt": item["prompt"], "seed": item["seed"], **out.settings, "fps": fps,
                         "ckpt": pipe.info.get("source"), "ema_used": pipe.info.get("ema_used"),
                         "global_step": pipe.info.get("global_step"), "image": cfg.image, "video": cfg.video,
                         "device": str(pipe.device)}
             stem = free_stem(out_dir, item.get("name") or sample_name(index, item, settings))
-            save_sample(out_dir / stem, out.video[j], fps=cfg.fps)
+            save_sample(out_dir / stem, out.video[j], fps=fps, audio=None if out.audio is None else out.audio[j],
+                        audio_rate=out.audio_rate)
             (out_dir / f"{stem}.json").write_text(json.dumps(settings, indent=2))
             written.append(out_dir / f"{stem}.mp4")
     print(f"wrote {len(written)} video(s) (mp4 + png contact sheet + json settings) to {out_dir.resolve()}")

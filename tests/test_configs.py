@@ -34,7 +34,7 @@ def test_train_cfg_job_composes(experiment, tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     cfg = OmegaConf.create(out.stdout)
-    assert cfg.task.name in ("vae", "dit", "distill")
+    assert cfg.task.name in ("vae", "dit", "distill", "audio_vae")
     assert "_target_" in cfg.task.module and "_target_" in cfg.trainer and "_target_" in cfg.data
 
 

@@ -3,7 +3,11 @@
 `from_pretrained` reads any DiT checkpoint or export folder through the one reader (`vidgen.io.checkpoint`), so
 the DiT, the conditioner (its entries and encoders), the flow settings and the fingerprint-checked VAE are
 rebuilt from what the checkpoint records. Calling the pipeline runs `vidgen.diffusion.sampling.generate` over
-the same `Denoiser` that training optimises and decodes with the VAE. `sample.py`, the sample-logging callback
+the same `Denoiser` that training optimises and decodes with the VAE. A joint audio + video checkpoint (a DiT with an
+audio stream, trained with `task.module.audio_vae_path`) also loads its audio VAE and samples sound with the video
+(text-to-audio+video; with `video=` and no `video_frames`, video-to-audio): `SampleOutput.audio` holds the clip's
+own sound, the decoded audio less the (s - 1) frames before frame 0 that the common clock adds
+(`vidgen.models.joint_audio`). `sample.py`, the sample-logging callback
 and the evaluation scripts all use it; it depends only on models, diffusion, conditioning, io and data.
 """
 
@@ -29,7 +33,22 @@ from vidgen.diffusion.streaming import PromptSegment, stream_chunks
 from vidgen.io.checkpoint import check_vae_reference, read_parts
 from vidgen.io.lora import ADAPTER, merged
 from vidgen.io.pretrained import load_pretrained
+from vidgen.models.audio_vae import AudioVAE
 from vidgen.models.vae import VideoVAE
+
+
+def sound_on_clock(wave: torch.Tensor, latent_frames: int, per_latent_frame: int, hop: int,
+                   time_stride: int) -> torch.Tensor:
+    """A clip's own sound `[B, C, S]` (its 1 + s(T - 1) frames) -> `[B, C, T * a * hop]` on the joint DiT's clock
+    (`vidgen.models.joint_audio`): (s - 1) frames of silence first, the span the causal video VAE pads before frame 0.
+    ValueError when S is not that many frames' worth (a * hop / s samples per frame, to within one sample)."""
+    s, a = time_stride, per_latent_frame
+    frames, needed = 1 + s * (latent_frames - 1), latent_frames * a * hop
+    expected = frames * a * hop / s
+    if abs(wave.shape[-1] - expected) > 1:
+        raise ValueError(f"{wave.shape[-1]} audio samples for {frames} frames, expected {expected:g} "
+                         f"({a * hop / s:g} per frame: {a} audio latents of hop {hop} per {s} frames)")
+    return torch.nn.functional.pad(wave, (needed - wave.shape[-1], 0))
 
 
 class SamplingError(UserError):
@@ -38,41 +57,55 @@ class SamplingError(UserError):
 
 @dataclass
 class SampleOutput:
-    """Generated videos `[B, 3, T, H, W]` in [-1, 1], their latents `[B, C, t, h, w]` and the settings used."""
+    """Generated videos `[B, 3, T, H, W]` in [-1, 1], their latents `[B, C, t, h, w]` and the settings used; a joint
+    checkpoint adds their sound `audio` `[B, C_audio, S]` in [-1, 1] at `audio_rate` Hz (S samples = T frames at
+    `settings["fps"]`) and its latents `audio_latents` `[B, Ca, Ta]`."""
 
     video: torch.Tensor
     latents: torch.Tensor
     settings: dict[str, Any]
+    audio: torch.Tensor | None = None
+    audio_rate: int | None = None
+    audio_latents: torch.Tensor | None = None
 
 
 class DiTPipeline:
     """DiT + conditioner + flow + VAE: `pipe(prompts, num_frames, height, width, ...) -> SampleOutput`."""
 
     def __init__(self, dit: nn.Module, conditioner: Conditioner, vae: VideoVAE, flow: RectifiedFlow,
-                 info: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None):
+                 info: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None,
+                 audio_vae: AudioVAE | None = None):
         self.denoiser = Denoiser(dit, flow)
         self.dit, self.conditioner, self.vae, self.flow = dit, conditioner, vae, flow
+        self.audio_vae = audio_vae if getattr(dit, "audio_stream", None) is not None else None
         self.info = dict(info or {})
         self.defaults = dict(defaults or {})
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, ema: bool = True, device: str | torch.device = "auto",
-                        vae: str | os.PathLike | None = None) -> DiTPipeline:
-        """Load a DiT checkpoint (file, FSDP, DeepSpeed) or export folder; `vae` overrides the recorded VAE folder."""
+                        vae: str | os.PathLike | None = None,
+                        audio_vae: str | os.PathLike | None = None) -> DiTPipeline:
+        """Load a DiT checkpoint (file, FSDP, DeepSpeed) or export folder; `vae` / `audio_vae` override the recorded
+        VAE / audio VAE folders (each checked against its recorded fingerprint)."""
         parts = read_parts(path, ema=ema, kind="dit")
         if ADAPTER in parts.adapters:  # a LoRA run or export: sample the base with the adapters folded in
             parts = merged(parts)
         vae_folder = check_vae_reference(parts.meta.get("vae") or {}, vae)
+        audio_ref = parts.meta.get("audio_vae")
+        sound = None
+        if audio_ref or audio_vae is not None:
+            sound = load_pretrained(check_vae_reference(audio_ref or {}, audio_vae, setting="audio_vae"), AudioVAE)
         pipe = cls(parts.build("dit"), parts.conditioner(), load_pretrained(vae_folder, VideoVAE),
-                   RectifiedFlow(**parts.meta.get("flow", {})), parts.info, parts.meta.get("defaults"))
+                   RectifiedFlow(**parts.meta.get("flow", {})), parts.info, parts.meta.get("defaults"), sound)
         return pipe.to(device)
 
     def to(self, device: str | torch.device = "auto") -> DiTPipeline:
         """Move every part to `device` ("auto": CUDA when available) in eval mode."""
         if str(device) == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        for m in (self.dit, self.conditioner, self.vae):
-            m.to(device).eval()
+        for m in (self.dit, self.conditioner, self.vae, self.audio_vae):
+            if m is not None:
+                m.to(device).eval()
         return self
 
     @property
@@ -151,14 +184,41 @@ class DiTPipeline:
                                  "resized_to": [round(src_h * scale), round(src_w * scale)],
                                  "centre_crop_to": [height, width]}}
 
+    # ------------------------------------------------------------------ sound (joint checkpoints)
+    @property
+    def joint(self) -> bool:
+        """Whether this pipeline samples sound with the video (a DiT with an audio stream + its audio VAE)."""
+        return self.audio_vae is not None
+
+    @property
+    def fps(self) -> float | None:
+        """Frame rate of a joint checkpoint's common clock: a audio latents span s frames, so fps = rate * s /
+        (hop * a); None without sound."""
+        if not self.joint:
+            return None
+        a = self.dit.audio_stream.per_latent_frame
+        return self.audio_vae.sample_rate * self.vae.temporal_factor / (self.audio_vae.hop * a)
+
+    def decode_audio(self, a: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """Audio latents `[B, Ca, Ta]` -> the clip's own sound `[B, C, S]`: decoded, then its first (s - 1) frames'
+        worth (before frame 0, `vidgen.models.joint_audio`) dropped; S = num_frames frames at `fps`."""
+        wave = self.audio_vae.decode(a.float(), normalized=True)  # [B, C, Ta * hop]
+        own = round(num_frames * self.audio_vae.sample_rate / self.fps)
+        return wave[..., wave.shape[-1] - own:]
+
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], num_frames: int, height: int, width: int, steps: int = 50,
                  guidance: float = 5.0, negative_prompt: str = "", seed: int | Sequence[int] = 0,
                  sampler: str = "euler", shift: float | None = None, image: np.ndarray | None = None,
                  video: np.ndarray | None = None, video_frames: int | None = None, strength: float | None = None,
-                 step_cache: float | None = None, progress: bool = False) -> SampleOutput:
+                 step_cache: float | None = None, progress: bool = False,
+                 audio: torch.Tensor | None = None) -> SampleOutput:
         """Generate one video per prompt; `seed` int (prompt i uses seed + i) or one per prompt.
+
+        Joint checkpoint: sound is sampled with the video; `video` without `video_frames` is video-to-audio (the clip's
+        first `num_frames` frames held, only the sound generated); `audio` `[C, S]` at the audio VAE's rate, the
+        sound of `num_frames` frames at `fps`, is audio-to-video (the sound held, the video generated).
 
         With `video`: extension (its first `video_frames` held clean), or with `strength` a remix: the clip's first
         `num_frames` frames noised to t = strength and denoised under the prompt (1: text-to-video, 0: the clip).
@@ -187,7 +247,31 @@ class DiTPipeline:
             if video.shape[0] < num_frames:
                 raise SamplingError(f"num_frames={num_frames}: the clip to remix has only {video.shape[0]} frames")
             start, video = self.encode_frames(video[:num_frames], height, width), None
-        z_clean, num_clean = self.clean_latents(image, video, video_frames, num_frames, height, width)
+        audio_shape = None
+        if self.joint:
+            if start is not None or step_cache is not None:
+                raise SamplingError("strength (remix) and step_cache: not with a joint audio + video checkpoint "
+                                    "(it samples sound with the video)")
+            audio_shape = (len(prompts), self.dit.audio_stream.channels, t * self.dit.audio_stream.per_latent_frame)
+        audio_clean = None
+        if audio is not None:
+            if audio_shape is None:
+                raise SamplingError("audio=: audio-to-video needs a joint audio + video checkpoint")
+            try:
+                wave = sound_on_clock(torch.as_tensor(audio, dtype=torch.float32)[None].to(self.device), t,
+                                      audio_shape[2] // t, self.audio_vae.hop, self.vae.temporal_factor)
+            except ValueError as e:
+                raise SamplingError(f"audio: {e} (num_frames={num_frames} at {self.fps:g} fps, "
+                                    f"{self.audio_vae.sample_rate} Hz)") from None
+            audio_clean = self.audio_vae.encode(wave, normalize=True).mode()  # [1, Ca, Ta]
+        if audio_shape is not None and video is not None and video_frames is None:
+            # video-to-audio: the whole window is the given clip, held clean; only the sound is generated
+            if video.shape[0] < num_frames:
+                raise SamplingError(f"num_frames={num_frames}: video-to-audio needs that many frames, the clip has "
+                                    f"{video.shape[0]}")
+            z_clean, num_clean = self.encode_frames(video[:num_frames], height, width), t
+        else:
+            z_clean, num_clean = self.clean_latents(image, video, video_frames, num_frames, height, width)
         clean = mask = None
         if num_clean:
             clean = torch.zeros(1, *shape[1:], device=self.device)
@@ -195,17 +279,24 @@ class DiTPipeline:
             mask = (torch.arange(t, device=self.device) < num_clean)[None]  # [1, T]
         cond = self.encode_prompts(prompts)
         uncond = self.encode_prompts([negative_prompt]) if guider is not None else None
+        joint = {} if audio_shape is None else {"audio_shape": audio_shape, "audio_clean": audio_clean}
         with self.autocast():
             z = generate(self.denoiser, cond, shape, steps=steps, guider=guider, uncond=uncond, shift=shift,
                          sampler=sampler, seed=seed, clean=clean, clean_mask=mask, progress=progress, start=start,
-                         strength=1.0 if strength is None else strength, step_cache=step_cache)
+                         strength=1.0 if strength is None else strength, step_cache=step_cache, **joint)
+        z, a = z if audio_shape is not None else (z, None)
         x = self.vae.decode(z.float(), normalized=True)  # [B, 3, T, H, W] in [-1, 1]
         settings = {"num_frames": num_frames, "height": height, "width": width, "latent_shape": list(shape[1:]),
                     **self.fit_note(image if image is not None else video, num_clean, height, width),
                     "steps": steps, "guidance": guidance, "negative_prompt": negative_prompt, "sampler": sampler,
                     "shift": float(shift), "step_cache": step_cache, "num_clean_latent_frames": num_clean,
                     **({"remix_strength": strength} if strength is not None else {})}
-        return SampleOutput(x, z, settings)
+        if a is None:
+            return SampleOutput(x, z, settings)
+        settings.update(fps=self.fps, audio_rate=self.audio_vae.sample_rate, audio_latent_shape=list(audio_shape[1:]),
+                        task="video_to_audio" if num_clean == t else "audio_to_video" if audio is not None
+                        else "text_to_audio_video")
+        return SampleOutput(x, z, settings, self.decode_audio(a, num_frames), self.audio_vae.sample_rate, a)
 
     # ------------------------------------------------------------------ streaming (causal DiT)
     def latent_frame_of(self, pixel_frame: int) -> int:

@@ -8,6 +8,9 @@ and `sigmas` is a decreasing schedule ending at 0 from `timesteps(steps, shift)`
 pieces: seeded noise -> schedule -> sampler over `Denoiser.__call__` (clean frames, CFG), the same network
 call and clean-frame rule that `Denoiser.loss` trains.
 
+Joint audio + video (`generate(..., audio_shape=)`): the video and audio latents are packed into one flat `[B, N]`
+tensor (`vidgen.diffusion.denoiser.JointLayout`), which every sampler integrates as its x unchanged.
+
 Samplers: `euler`, `heun` (one and two calls per step), and the multistep solvers `dpmpp_2m` and `unipc` (one call
 per step, second order from the previous step's prediction); `dmd`, a distilled student's few-step schedule and
 backward simulation (x0 prediction, then re-noising with seeded noise; `vidgen.diffusion.distill`). The multistep
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import trange
 
-from vidgen.diffusion.denoiser import Denoiser
+from vidgen.diffusion.denoiser import Denoiser, JointLayout
 from vidgen.diffusion.distill import sample_dmd, student_timesteps
 from vidgen.diffusion.flow import RectifiedFlow, num_latent_tokens, time_shift
 from vidgen.diffusion.guidance import ClassifierFreeGuidance
@@ -199,6 +202,21 @@ def seeded_noise(shape: Sequence[int], seed: int | Sequence[int], device: torch.
     return (noise if draws else noise[0]).to(device)
 
 
+def seeded_joint_noise(shape: Sequence[int], audio_shape: Sequence[int], seed: int | Sequence[int],
+                       device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(video noise `shape`, audio noise `audio_shape`) float32; sample i's generator (seed[i] or seed + i) draws its
+    video noise first, exactly `seeded_noise`'s, then its audio noise: a seed gives the same video noise with sound
+    or without."""
+    b = shape[0]
+    seeds = [seed + i for i in range(b)] if isinstance(seed, int) else list(seed)
+    if len(seeds) != b:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {b}")
+    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    pairs = [(torch.randn(tuple(shape[1:]), generator=g), torch.randn(tuple(audio_shape[1:]), generator=g))
+             for g in gens]
+    return torch.stack([p[0] for p in pairs]).to(device), torch.stack([p[1] for p in pairs]).to(device)
+
+
 def sampler_start(sampler: str, steps: int, shift: float, shape: Sequence[int], seed: int | Sequence[int],
                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(seeded noise x `shape`, sigmas `[steps + 1]`, the sampler's extra arguments) for `steps` steps of `sampler`.
@@ -233,7 +251,8 @@ def generate(denoiser: Denoiser, cond: dict[str, Any], shape: Sequence[int], ste
              shift: float | None = None, sampler: str = "euler", seed: int | Sequence[int] = 0,
              clean: torch.Tensor | None = None, clean_mask: torch.Tensor | None = None, progress: bool = False,
              callback: Callback | None = None, start: torch.Tensor | None = None,
-             strength: float = 1.0, step_cache: float | None = None) -> torch.Tensor:
+             strength: float = 1.0, step_cache: float | None = None, audio_shape: Sequence[int] | None = None,
+             audio_clean: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sample latents z0 `[B, C, T, H, W]` = `shape`: seeded noise -> shifted schedule -> sampler over `denoiser`.
 
     cond / uncond: the conditioner's keyword tensors (batch B or 1); `guider` (e.g. CFG) combines them, None
@@ -244,29 +263,28 @@ def generate(denoiser: Denoiser, cond: dict[str, Any], shape: Sequence[int], ste
     with the seeded noise, then only the schedule's steps below it; strength 1 is text-to-video from the same
     noise, strength 0 returns `start`. step_cache: a `StepCache` threshold (TeaCache): steps whose DiT input barely
     changed reuse the blocks' last residual (0: never skips, the same result as None; None: off).
+    audio_shape `[B, Ca, Ta]` (a DiT with an audio stream): video and audio latents integrated together, packed in
+    one tensor (`JointLayout`), CFG on both; returns (z0, a0 `[B, Ca, Ta]`). Video-to-audio: clean = the video's
+    latents, clean_mask all True; audio-to-video: audio_clean `[B|1, Ca, Ta]`, returned unchanged.
     Runs in the network's current mode, on its device; wrap in autocast for bf16.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}; expected one of {sorted(SAMPLERS)}")
+    if audio_shape is not None:
+        return _generate_joint(denoiser, cond, shape, audio_shape, steps, guider, uncond, shift, sampler, seed, clean,
+                               clean_mask, audio_clean, progress, callback, start, step_cache)
+    if audio_clean is not None:
+        raise ValueError("audio_clean needs audio_shape (the audio latents' [B, Ca, Ta])")
     device = next(denoiser.net.parameters()).device
     b = shape[0]
     if shift is None:
         shift = denoiser.flow.shift_for(num_latent_tokens(shape, denoiser.patch_size))
-    cond = _to_batch(cond, b, device)
-    if uncond is not None:
-        uncond = _to_batch(uncond, 1 if _batch(uncond) == 1 else b, device)
-    if uncond is None or guider is None:
-        guider = uncond = None
+    cond, uncond, guider = _conds(cond, uncond, guider, b, device)
     if sampler == "dmd" and clean_mask is not None:  # its re-noising would noise the given frames
         raise ValueError("sampler=dmd: a distilled student samples text-to-video only (no image or clip to hold)")
     x, sigmas, extra = sampler_start(sampler, steps, shift, shape, seed, device)
     if clean_mask is not None:
-        if clean is None:
-            raise ValueError("clean_mask needs the clean latents (clean=...)")
-        clean = clean.to(device=device, dtype=x.dtype)
-        clean_mask = clean_mask.to(device).bool()
-        if clean.shape[1:] != x.shape[1:]:
-            raise ValueError(f"clean latents {list(clean.shape)} do not match shape {list(shape)}")
+        clean, clean_mask = _clean(clean, clean_mask, shape, device, x.dtype)
         x = torch.where(clean_mask.expand(b, shape[2])[:, None, :, None, None], clean.expand_as(x), x)
 
     sigmas = sigmas.to(device)
@@ -283,6 +301,63 @@ def generate(denoiser: Denoiser, cond: dict[str, Any], shape: Sequence[int], ste
         return denoiser(x_, t_, cond, clean=clean, clean_mask=clean_mask, uncond=uncond, guider=guider)
 
     return SAMPLERS[sampler](fn, x, sigmas, callback=callback, progress=progress, **extra)
+
+
+def _conds(cond: dict[str, Any], uncond: dict[str, Any] | None, guider: ClassifierFreeGuidance | None, b: int,
+           device: torch.device) -> tuple[dict[str, Any], dict[str, Any] | None, ClassifierFreeGuidance | None]:
+    """cond / uncond on `device` at batch b (uncond may stay 1); both None-ed out of CFG when either is missing."""
+    cond = _to_batch(cond, b, device)
+    if uncond is not None:
+        uncond = _to_batch(uncond, 1 if _batch(uncond) == 1 else b, device)
+    if uncond is None or guider is None:
+        guider = uncond = None
+    return cond, uncond, guider
+
+
+def _clean(clean: torch.Tensor | None, clean_mask: torch.Tensor, shape: Sequence[int], device: torch.device,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The given frames `[B|1, C, T, H, W]` and their mask bool `[B|1, T]` on `device`, checked against `shape`."""
+    if clean is None:
+        raise ValueError("clean_mask needs the clean latents (clean=...)")
+    clean = clean.to(device=device, dtype=dtype)
+    if tuple(clean.shape[1:]) != tuple(shape[1:]):
+        raise ValueError(f"clean latents {list(clean.shape)} do not match shape {list(shape)}")
+    return clean, clean_mask.to(device).bool()
+
+
+def _generate_joint(denoiser: Denoiser, cond: dict[str, Any], shape: Sequence[int], audio_shape: Sequence[int],
+                    steps: int, guider: ClassifierFreeGuidance | None, uncond: dict[str, Any] | None,
+                    shift: float | None, sampler: str, seed: int | Sequence[int], clean: torch.Tensor | None,
+                    clean_mask: torch.Tensor | None, audio_clean: torch.Tensor | None, progress: bool,
+                    callback: Callback | None, start: torch.Tensor | None,
+                    step_cache: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`generate` with audio: (z0 `shape`, a0 `audio_shape`) integrated as one packed tensor."""
+    if sampler == "dmd" or start is not None or step_cache is not None:
+        raise ValueError("joint audio + video samples with euler / heun / dpmpp_2m / unipc, without start (remix) "
+                         "or step_cache")
+    device = next(denoiser.net.parameters()).device
+    b = shape[0]
+    layout = JointLayout.of(tuple(shape), tuple(audio_shape))
+    if shift is None:  # the video's token count, as `Denoiser.loss` draws t for both modalities
+        shift = denoiser.flow.shift_for(num_latent_tokens(shape, denoiser.patch_size))
+    cond, uncond, guider = _conds(cond, uncond, guider, b, device)
+    z, a = seeded_joint_noise(shape, audio_shape, seed, device)
+    if clean_mask is not None:
+        clean, clean_mask = _clean(clean, clean_mask, shape, device, z.dtype)
+        z = torch.where(clean_mask.expand(b, shape[2])[:, None, :, None, None], clean.expand_as(z), z)
+    if audio_clean is not None:
+        audio_clean = audio_clean.to(device=device, dtype=a.dtype)
+        if tuple(audio_clean.shape[1:]) != tuple(audio_shape[1:]):
+            raise ValueError(f"audio_clean {list(audio_clean.shape)} does not match audio_shape {list(audio_shape)}")
+        a = audio_clean.expand_as(a).clone()
+    sigmas = timesteps(steps, shift).to(device)
+
+    def fn(x_: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
+        return denoiser(x_, t_, cond, clean=clean, clean_mask=clean_mask, uncond=uncond, guider=guider,
+                        layout=layout, audio_clean=audio_clean)
+
+    x = SAMPLERS[sampler](fn, layout.pack(z, a), sigmas, callback=callback, progress=progress)
+    return layout.unpack(x)
 
 
 def _batch(cond: dict[str, Any]) -> int:

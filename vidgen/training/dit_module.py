@@ -10,6 +10,13 @@ The VAE is held outside the registered modules (not in state_dict, optimizer, EM
 records its folder and content fingerprint instead. Every checkpoint describes its parts in the one format of
 `vidgen.io.checkpoint`, so the export command and `sample.py` rebuild everything from the checkpoint alone.
 
+Joint audio + video (`audio_vae_path`, a DiT with `audio_channels`): clip batches with "audio" `[B, C, S]` are
+encoded by a frozen `AudioVAE` (held like the video VAE) into audio latents `[B, Ca, T * a]` on the common clock of
+`vidgen.models.joint_audio` (the waveform padded at the start with (s - 1) frames of silence, s the video VAE's time
+stride); each sample draws its task from `audio_tasks` (text-to-audio+video, video-to-audio: video clean,
+audio-to-video: audio clean) and the `Denoiser` adds `audio_weight` x the audio term; clips without sound
+(`audio_valid` False) train the video only.
+
 Fine-tuning (`vidgen.training.adapters`): `init_from` starts the DiT (and a trained text encoder) from any
 checkpoint or export; `lora` then adds peft adapters and trains only them. A LoRA checkpoint's `state_dict` holds
 only the adapter tensors: its `vidgen` entry records the base (`meta.init_from`: path + fingerprints, its parts
@@ -34,6 +41,8 @@ from vidgen.errors import UserError
 from vidgen.io.checkpoint import describe, part_spec
 from vidgen.io.fingerprint import fingerprint_folder, short
 from vidgen.io.pretrained import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, read_config
+from vidgen.models.audio_vae import AudioVAE
+from vidgen.pipeline import sound_on_clock
 from vidgen.models.vae import VideoVAE
 from vidgen.training.adapters import (ADAPTER, apply_lora, check_same_base, freeze_all_but_adapters, is_adapter,
                                       load_base)
@@ -60,6 +69,9 @@ class DiTModule(pl.LightningModule):
     sample_posterior: train on posterior samples of the VAE (LDM practice) or on its mean (Wan 2.1 practice; better
     for a briefly trained VAE whose posterior std is still large); validation always uses the mean.
     vae_chunk_size: encode videos this many latent frames at a time (bounded memory for long clips).
+    audio_vae_path: an AudioVAE export folder (None: no audio); the DiT needs `audio_channels` = its latent channels.
+    audio_tasks: {joint, video_to_audio, audio_to_video}: weights of each sample's task (`audio_task_masks`);
+    audio_weight: weight of the audio term of the loss.
     """
 
     sequence_parallel = 1  # ranks per sequence-parallel group (set by vidgen.training.parallelize.parallelize)
@@ -68,11 +80,15 @@ class DiTModule(pl.LightningModule):
                  scheduler: partial | None = None, flow: dict | None = None, cond_prob: float = 0.0,
                  max_cond_frames: int = 1, val_t: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9), val_seed: int = 0,
                  sample_posterior: bool = True, vae_chunk_size: int | None = None, init_from: str | None = None,
-                 init_ema: bool = True, require_init_from: bool = False, lora: dict | None = None) -> None:
+                 init_ema: bool = True, require_init_from: bool = False, lora: dict | None = None,
+                 audio_vae_path: str | None = None, audio_tasks: dict | None = None,
+                 audio_weight: float = 1.0) -> None:
         super().__init__()
         # Hydra passes DictConfig / ListConfig: store plain values so checkpoints load with weights_only=True.
         flow, val_t, lora = _plain(flow or {}), [float(t) for t in val_t], _plain(lora) if lora else None
         vae_path = str(vae_path) if vae_path is not None else None
+        audio_vae_path = str(audio_vae_path) if audio_vae_path is not None else None
+        audio_tasks = {str(k): float(v) for k, v in (audio_tasks or DEFAULT_AUDIO_TASKS).items()}
         init_from = str(init_from) if init_from is not None else None
         self.save_hyperparameters(ignore=["dit", "conditioner", "optimizer", "scheduler"])
         self.dit = dit
@@ -109,6 +125,16 @@ class DiTModule(pl.LightningModule):
                 raise UserError(f"model.dit.in_channels={self.dit.in_channels} but the VAE at task.module.vae_path="
                                  f"{path} has {latent_channels} latent channels; set model.dit.in_channels="
                                  f"{latent_channels}")
+        audio_path, stream = self.hparams.audio_vae_path, getattr(self.dit, "audio_stream", None)
+        if audio_path is not None:
+            audio_task_weights(self.hparams.audio_tasks)  # one line now for a bad task mix
+        if audio_path is not None and (Path(audio_path) / CONFIG_NAME).is_file():  # a missing one: setup says so
+            channels = read_config(audio_path, AudioVAE)["config"].get("latent_channels", 16)
+            if stream is None or stream.channels != channels:
+                raise UserError(f"model.dit.audio_channels={0 if stream is None else stream.channels} but the audio "
+                                f"VAE at task.module.audio_vae_path={audio_path} has {channels} latent channels; set "
+                                f"model.dit.audio_channels=${{vidgen.audio_latent_channels:"
+                                f"${{task.module.audio_vae_path}},0}}")
 
     # ------------------------------------------------------------------ the frozen VAE
     @property
@@ -130,9 +156,29 @@ class DiTModule(pl.LightningModule):
             vae.to(self.device)
         return vae
 
-    def vae_reference(self) -> dict[str, Any] | None:
-        """{"path", "fingerprint"} of the VAE (content fingerprint, as latent shards and exports record it)."""
-        path = self.hparams.vae_path
+    @property
+    def audio_vae(self) -> AudioVAE:
+        """The frozen audio VAE (loaded on first use, then kept on this module's device)."""
+        if "audio_vae" not in self._frozen:
+            path = self.hparams.audio_vae_path
+            if not (Path(path) / CONFIG_NAME).is_file():
+                raise FileNotFoundError(f"task.module.audio_vae_path={path}: no audio VAE export folder there "
+                                        f"(expected config.json + model.safetensors: train experiment="
+                                        f"quickstart_audio_vae, then python -m vidgen.io.checkpoint CKPT OUT)")
+            vae = load_pretrained(path, AudioVAE).requires_grad_(False).eval()
+            if not vae.has_latent_stats:
+                log.warning("audio VAE at %s has no measured latent statistics: the DiT sees unnormalised latents",
+                            path)
+            self._frozen["audio_vae"] = vae
+        vae = self._frozen["audio_vae"]
+        if next(vae.parameters()).device != self.device:
+            vae.to(self.device)
+        return vae
+
+    def vae_reference(self, key: str = "vae_path") -> dict[str, Any] | None:
+        """{"path", "fingerprint"} of the VAE at hparams[key] (content fingerprint, as latent shards and exports
+        record it); `key="audio_vae_path"`: the audio VAE's."""
+        path = self.hparams.get(key)
         if path is None:
             return None
         has_weights = Path(path, WEIGHTS_NAME).is_file()
@@ -144,6 +190,8 @@ class DiTModule(pl.LightningModule):
             raise UserError(f"task.module.init_from is not set: {what}; set it to an export folder or checkpoint")
         if self.hparams.vae_path is not None:
             _ = self.vae  # fail at start-up, not at the first batch
+        if self.hparams.audio_vae_path is not None:
+            _ = self.audio_vae
         build_sequence_parallel(self)  # scale.sequence_parallel > 1: the groups, now that the processes run
 
     @property
@@ -159,6 +207,22 @@ class DiTModule(pl.LightningModule):
             return batch["latent"].float()
         with torch.no_grad():
             posterior = self.vae.encode(batch["video"], normalize=True, chunk_size=self.hparams.vae_chunk_size)
+            return (posterior.sample(generator) if sample else posterior.mode()).float()
+
+    def audio_latents(self, batch: dict[str, Any], frames: int, sample: bool = True,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Normalised audio latents `[B, Ca, T * a]` of `batch["audio"]` `[B, C, S]` (the sampled frames' sound) for
+        `frames` (T) latent frames: the waveform padded at the start with (s - 1) video frames of silence, the span
+        the causal video VAE pads before frame 0 (`vidgen.models.joint_audio`), then encoded."""
+        vae, s, a = self.audio_vae, self.vae.temporal_factor, self.dit.audio_stream.per_latent_frame
+        try:
+            wave = sound_on_clock(batch["audio"].float(), frames, a, vae.hop, s)  # [B, C, Ta * hop]
+        except ValueError as e:
+            raise UserError(f"batch audio: {e}; the audio VAE runs at {vae.sample_rate} Hz: set data.audio_rate="
+                            f"{vae.sample_rate} and model.dit.audio_per_latent_frame from data.target_fps "
+                            f"(${{vidgen.audio_per_latent_frame:...}})") from None
+        with torch.no_grad():
+            posterior = vae.encode(wave, normalize=True)
             return (posterior.sample(generator) if sample else posterior.mode()).float()
 
     def clean_frame_mask(self, batch: int, frames: int, device: torch.device,
@@ -182,12 +246,27 @@ class DiTModule(pl.LightningModule):
         z = self.latents(batch, sample=self.hparams.sample_posterior, generator=gen)
         cond = self.conditioner(batch, drop=True, generator=gen)
         clean = self.clean_frame_mask(z.shape[0], z.shape[2], z.device, generator=gen)
-        loss = self.denoiser.loss(z, cond, clean_mask=clean, generator=gen)
+        if self.hparams.audio_vae_path is not None and "audio" in batch:
+            loss = self.joint_loss(batch, z, cond, clean, gen)
+        else:
+            loss = self.denoiser.loss(z, cond, clean_mask=clean, generator=gen)
         if self._trainer is not None:
             self.log("train/loss", loss, prog_bar=True, batch_size=z.shape[0])
         # Sequence parallel: each rank's gradients are its tokens' share of its group's, and DDP / FSDP average over
         # every rank, so the group's P shares must each count P times to give the mean over groups.
         return loss * self.sequence_parallel
+
+    def joint_loss(self, batch: dict[str, Any], z: torch.Tensor, cond: dict[str, Any], clean: torch.Tensor | None,
+                   gen: torch.Generator | None) -> torch.Tensor:
+        """The joint audio + video loss of a clip batch with "audio": each sample's task from `audio_tasks`."""
+        b, frames = z.shape[0], z.shape[2]
+        a0 = self.audio_latents(batch, frames, sample=self.hparams.sample_posterior, generator=gen)
+        valid = batch.get("audio_valid")
+        valid = valid.to(z.device).bool() if valid is not None else None
+        video_clean, audio_clean = audio_task_masks(b, frames, self.hparams.audio_tasks, z.device, gen, valid)
+        clean = video_clean if clean is None else clean | video_clean
+        return self.denoiser.loss(z, cond, clean_mask=clean, generator=gen, audio0=a0, audio_clean_mask=audio_clean,
+                                  audio_valid=valid, audio_weight=self.hparams.audio_weight)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         """Loss at each fixed t in `val_t` with noise seeded by batch index: comparable across runs and steps."""
@@ -231,6 +310,8 @@ class DiTModule(pl.LightningModule):
             parts[f"cond.{name}"] = part_spec(f"conditioner.entries.{name}.encoder.", spec, entry.trainable)
             parts[f"cond.{name}"]["saved"] = entry.trainable or bool(self._frozen_weights(name))
         meta = {"flow": _plain(self.hparams.flow), "vae": self.vae_reference(), "conditioner": self.conditioner.spec()}
+        if self.hparams.get("audio_vae_path") is not None:
+            meta["audio_vae"] = self.vae_reference("audio_vae_path")
         if self.base is not None:
             meta["init_from"] = self.base
         if self.lora is not None:  # the checkpoint holds only the adapters: these parts' weights are the base's
@@ -266,13 +347,15 @@ class DiTModule(pl.LightningModule):
                 for key in [k for k in checkpoint.get("state_dict", {}) if k.startswith(prefix)]:
                     del checkpoint["state_dict"][key]
         # Resuming against a different VAE would train the DiT on a shifted latent space: refuse.
-        ref = ((checkpoint.get("vidgen") or {}).get("meta") or {}).get("vae") or {}
-        saved, path = ref.get("fingerprint"), self.hparams.vae_path
-        if saved and path and Path(path, WEIGHTS_NAME).is_file():
-            found = fingerprint_folder(path)
-            if found != saved:
-                raise UserError(f"task.module.vae_path={path}: this VAE (fingerprint {short(found)}) is not the one "
-                                 f"the checkpoint was trained with ({ref.get('path')}, fingerprint {short(saved)})")
+        meta = (checkpoint.get("vidgen") or {}).get("meta") or {}
+        for name, key in (("vae", "vae_path"), ("audio_vae", "audio_vae_path")):
+            ref = meta.get(name) or {}
+            saved, path = ref.get("fingerprint"), self.hparams.get(key)
+            if saved and path and Path(path, WEIGHTS_NAME).is_file():
+                found = fingerprint_folder(path)
+                if found != saved:
+                    raise UserError(f"task.module.{key}={path}: this VAE (fingerprint {short(found)}) is not the one "
+                                    f"the checkpoint was trained with ({ref.get('path')}, fingerprint {short(saved)})")
 
 
     def _restore_base(self, checkpoint: dict[str, Any]) -> None:
@@ -294,6 +377,35 @@ class DiTModule(pl.LightningModule):
                             f"{self.lora.get(diff)!r}); resume with the LoRA settings it was trained with")
         state = checkpoint.get("state_dict") or {}
         checkpoint["state_dict"] = {**{k: v for k, v in self.state_dict().items() if not is_adapter(k)}, **state}
+
+
+AUDIO_TASKS = ("joint", "video_to_audio", "audio_to_video")  # both noisy | video clean | audio clean
+DEFAULT_AUDIO_TASKS = {"joint": 0.6, "video_to_audio": 0.2, "audio_to_video": 0.2}
+
+
+def audio_task_weights(probs: dict[str, float]) -> list[float]:
+    """The `AUDIO_TASKS` weights of `probs`, normalised; one clear line for an unknown task or bad weights."""
+    unknown = sorted(set(probs) - set(AUDIO_TASKS))
+    if unknown:
+        raise UserError(f"task.module.audio_tasks: unknown task {unknown[0]!r}; expected some of {AUDIO_TASKS}")
+    weights = [float(probs.get(k, 0.0)) for k in AUDIO_TASKS]
+    if min(weights) < 0 or sum(weights) <= 0:
+        raise UserError(f"task.module.audio_tasks={dict(probs)}: expected weights >= 0 with a positive sum")
+    return [w / sum(weights) for w in weights]
+
+
+def audio_task_masks(batch: int, frames: int, probs: dict[str, float], device: torch.device | str = "cpu",
+                     generator: torch.Generator | None = None, audio_valid: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw each sample's joint task from `probs` ({joint, video_to_audio, audio_to_video}: weights, normalised):
+    (video clean bool `[B, T]`, audio clean bool `[B]`). A sample whose `audio_valid` is False gets neither clean
+    (its sound is missing: no audio-to-video, and no audio term to train video-to-audio)."""
+    weights = torch.tensor(audio_task_weights(probs), device="cpu")
+    task = torch.multinomial(weights, batch, replacement=True, generator=generator)  # [B]
+    if audio_valid is not None:
+        task = task * audio_valid.cpu().bool()  # 0 = joint
+    video_clean = (task == 1)[:, None].expand(batch, frames)
+    return video_clean.to(device), (task == 2).to(device)
 
 
 def param_groups(module: nn.Module) -> list[dict[str, Any]]:
