@@ -315,6 +315,22 @@ def test_train_py_runs_a_joint_model(joint_run, tiny_audio_vae_export):
     assert state["state_dict"]["dit.audio_stream.proj_out.weight"].abs().sum() > 0
 
 
+def test_export_carries_the_audio_vae(joint_run, tmp_path):
+    """The export folder holds a copy of the audio VAE (as of the video VAE) and rebuilds the joint pipeline."""
+    from vidgen.io.checkpoint import read_parts, write_export
+    from vidgen.io.fingerprint import fingerprint_folder
+    from vidgen.pipeline import DiTPipeline
+
+    _, ckpt = joint_run
+    export = write_export(read_parts(ckpt), tmp_path / "export")
+    assert (export / "audio_vae").is_dir() and (export / "vae").is_dir()
+    meta = read_parts(export).meta
+    assert meta["audio_vae"]["path"] == str((export / "audio_vae").resolve())
+    assert fingerprint_folder(export / "audio_vae") == meta["audio_vae"]["fingerprint"]
+    pipe = DiTPipeline.from_pretrained(export, device="cpu")
+    assert pipe.audio_vae is not None and pipe.dit.config["audio_channels"] == 4
+
+
 def run_sample(*overrides: str):
     import subprocess
     import sys

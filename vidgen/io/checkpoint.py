@@ -281,8 +281,9 @@ def parts_from_export(folder: Path) -> ModelParts:
         parts[name] = Part(config["class"], config["config"], state, bool(spec.get("trainable", True)), extra)
     adapters = {name: read_safetensors(folder / rel) for name, rel in (meta.get("adapters") or {}).items()}
     meta_ = dict(meta.get("meta") or {})
-    if (folder / "vae").is_dir():  # a copy of the VAE travels with the export
-        meta_["vae"] = {**(meta_.get("vae") or {}), "path": str((folder / "vae").resolve())}
+    for key in ("vae", "audio_vae"):  # a copy of the VAE (and of a joint model's audio VAE) travels with the export
+        if (folder / key).is_dir():
+            meta_[key] = {**(meta_.get(key) or {}), "path": str((folder / key).resolve())}
     info = {**(meta.get("info") or {}), "source": str(folder.resolve())}
     return ModelParts(meta["kind"], parts, meta_, info, adapters)
 
@@ -356,10 +357,11 @@ def _write_parts(parts: ModelParts, tmp: Path, copy_vae: bool) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / f"adapter_{name}.safetensors"))
         adapters[name] = f"adapter_{name}.safetensors"
     meta = dict(parts.meta)
-    if parts.kind == "dit" and meta.get("vae"):
-        vae = check_vae_reference(meta["vae"])
-        if copy_vae:
-            shutil.copytree(vae, tmp / "vae")
+    for key in ("vae", "audio_vae"):
+        if parts.kind == "dit" and meta.get(key):
+            vae = check_vae_reference(meta[key], setting=key)
+            if copy_vae:
+                shutil.copytree(vae, tmp / key)
     info = {k: v for k, v in parts.info.items() if k != "source"}
     info["exported_from"] = parts.info.get("source")
     atomic_write_text(tmp / EXPORT_META, json.dumps({"format": FORMAT, "kind": parts.kind, "parts": specs,
