@@ -409,3 +409,30 @@ def test_pipeline_audio_to_video_holds_the_sound(joint_run):
     assert out.audio.shape == (1, 1, 9 * RATE // FPS) and out.video.shape == (1, 3, 9, 32, 32)
     with pytest.raises(SamplingError, match="audio samples for 9 frames"):
         pipe(["x"], 9, 32, 32, steps=1, audio=torch.zeros(1, 9 * 24000 // FPS))
+
+
+def test_joint_dit_starts_from_a_video_only_base(tmp_path):
+    """init_from a video-only DiT: every video weight loads, the audio stream starts fresh, and without audio the
+    joint model computes exactly the base's function (sound added to a trained video model)."""
+    from vidgen.conditioning import Conditioner, TextCondition
+    from vidgen.io.pretrained import save_pretrained
+    from vidgen.models.dit import DiT
+    from vidgen.models.text import ByteTextEncoder
+    from vidgen.training.adapters import load_base
+
+    arch = dict(in_channels=4, dim=32, depth=1, num_heads=2, ffn_dim=64, text_dim=16, freq_dim=32)
+    torch.manual_seed(0)
+    video = DiT(**arch).eval()
+    with torch.no_grad():
+        video.proj_out.weight.normal_(0.0, 0.1)  # a trained-looking (non-zero) output layer
+    save_pretrained(video, tmp_path / "base")
+    joint = DiT(**arch, audio_channels=4, audio_per_latent_frame=2).eval()
+    text = Conditioner(text=TextCondition(ByteTextEncoder(dim=16, depth=1, num_heads=2), dropout=0.0))
+    info = load_base(joint, text, str(tmp_path / "base"))
+    assert info["parts"] == ["dit"]
+    assert all(torch.equal(v, joint.state_dict()[k]) for k, v in video.state_dict().items())
+    z, ctx = torch.randn(1, 4, 3, 4, 4), torch.randn(1, 5, 16)
+    with torch.no_grad():
+        assert torch.equal(joint(z, torch.tensor([0.5]), ctx), video(z, torch.tensor([0.5]), ctx))
+        v, v_audio = joint(z, torch.tensor([0.5]), ctx, audio=torch.randn(1, 4, 6))
+    assert v.shape == z.shape and v_audio.abs().max() == 0  # the new audio head starts at zero

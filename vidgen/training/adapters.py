@@ -46,6 +46,7 @@ def load_base(dit: nn.Module, conditioner: Conditioner, path: str, ema: bool = T
     Returns {"path", "ema", "step", "parts": [names loaded], "fingerprints": {name: sha256}} for the checkpoint
     meta. Stops with one line on: no such base, a base that holds adapters, a part whose tensors do not fit
     (the first misfit tensor named), an encoder of another kind, or a VAE other than the base's (`vae_path`).
+    A joint audio + video DiT starts from a video-only base: the video weights loaded, the audio stream new.
     """
     parts = read_parts(path, ema=ema, setting=setting)
     where = f"{setting}={path}"
@@ -99,8 +100,15 @@ def _load_part(model: nn.Module, parts: ModelParts, name: str, where: str, setti
         raise UserError(f"{where}: no '{name}' weights there (it holds {', '.join(parts.parts) or 'no parts'})")
     if part.cls != class_path(model):
         raise UserError(f"{where} [{name}]: a {part.cls}, but the run builds a {class_path(model)}")
+    state = part.state
+    stream = getattr(model, "audio_stream", None)
+    if stream is not None and not any(k.startswith("audio_stream.") for k in state):
+        # Sound added to a video model: every video weight from the base, the new audio stream as initialised
+        # (its output head is zero, so the joint model starts as the base on video).
+        log.info("%s [%s]: a video-only DiT; the audio stream starts fresh", where, name)
+        state = {**state, **{f"audio_stream.{k}": v for k, v in stream.state_dict().items()}}
     try:
-        return load_state(model, part.state, f"{where} [{name}]")
+        return load_state(model, state, f"{where} [{name}]")
     except WeightsError as e:
         mine = getattr(model, "config", {})
         diffs = [f"{settings}.{k}={part.config[k]}" for k in sorted(part.config)
