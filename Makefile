@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vidgen-installed
 
-.PHONY: setup test test-fast demo finetune-demo stream-demo bench clean
+.PHONY: setup test test-fast demo finetune-demo stream-demo audio-demo bench clean
 
 $(STAMP): pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV)
@@ -21,6 +21,9 @@ finetune-demo: $(STAMP)
 
 stream-demo: $(STAMP)
 	bash scripts/stream_demo.sh
+
+audio-demo: $(STAMP)
+	bash scripts/audio_demo.sh
 
 bench: $(STAMP)
 	$(PY) bench/data_throughput.py

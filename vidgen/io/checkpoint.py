@@ -331,9 +331,9 @@ def write_export(parts: ModelParts, out: str | os.PathLike, copy_vae: bool = Tru
             and any(out.iterdir()):
         raise CheckpointError(f"out={out}: exists and is not an export folder; choose an empty or new folder")
     with atomic_dir(out) as tmp:  # a killed export leaves `out` as it was (its temporary is cleaned up later)
-        if parts.kind == "vae" and set(parts.parts) == {"vae"}:  # a VAE export is the bare model folder
-            vae = parts.build("vae")
-            save_pretrained(vae, tmp, extra={k: v for k, v in parts.parts["vae"].extra.items()
+        if parts.kind in ("vae", "audio_vae") and set(parts.parts) == {parts.kind}:  # a VAE export: the bare folder
+            vae = parts.build(parts.kind)
+            save_pretrained(vae, tmp, extra={k: v for k, v in parts.parts[parts.kind].extra.items()
                                              if k not in vae.export_extra()})
         else:
             _write_parts(parts, tmp, copy_vae)
