@@ -6,14 +6,14 @@
 #      kept, the audio stream new), trained on clips + sound with both VAEs in the loop -> export
 #   -> sample.py: a clip with generated sound (mp4 with AAC + WAV), and new sound for a real clip (video-to-audio)
 # Reuses the demo's outputs (runs/demo_dit/export, the quickstart VAE); runs scripts/demo.sh first without them.
-# A stage whose output exists is skipped. Knobs: PY, RUNS, DATA, AUDIO_VAE_STEPS (800), JOINT_STEPS (600), OUT.
+# A stage whose output exists is skipped. Knobs: PY, RUNS, DATA, AUDIO_VAE_STEPS (400), JOINT_STEPS (400), OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RUNS=${RUNS:-runs}
 DATA=${DATA:-data}
-AUDIO_VAE_STEPS=${AUDIO_VAE_STEPS:-800}
-JOINT_STEPS=${JOINT_STEPS:-600}
+AUDIO_VAE_STEPS=${AUDIO_VAE_STEPS:-400}
+JOINT_STEPS=${JOINT_STEPS:-400}
 OUT=${OUT:-$RUNS/audio_demo_samples}
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
