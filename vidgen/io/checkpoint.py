@@ -263,7 +263,7 @@ def parts_from_export(folder: Path) -> ModelParts:
     """An export folder (vidgen.json + one folder per part) or a lone model folder -> `ModelParts`."""
     if not (folder / EXPORT_META).is_file():
         model = read_config(folder)
-        kind = "vae" if model["class"].endswith(".VideoVAE") else "model"
+        kind = {".VideoVAE": "vae", ".AudioVAE": "audio_vae"}.get("." + model["class"].rsplit(".", 1)[-1], "model")
         extra = {k: v for k, v in model.items() if k not in ("class", "config")}
         part = Part(model["class"], model["config"], read_safetensors(folder / WEIGHTS_NAME), True, extra)
         return ModelParts(kind, {kind: part}, {}, {"source": str(folder.resolve()), **extra.get("exported_from", {})})
