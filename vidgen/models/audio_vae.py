@@ -14,7 +14,6 @@ with exactly the whole-clip result. Latent normalisation (`latent_mean` / `laten
 from __future__ import annotations
 
 import math
-import warnings
 from fractions import Fraction
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidgen.models.base import Configurable, capture_config
+from vidgen.models.base import LatentStatistics, capture_config
 from vidgen.models.causal_conv import CausalCache
 from vidgen.models.vae import DiagonalGaussian
 
@@ -190,7 +189,7 @@ class AudioDecoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- the VAE
-class AudioVAE(nn.Module, Configurable):
+class AudioVAE(nn.Module, LatentStatistics):
     """Causal waveform VAE. x [B, in_channels, S] in [-1, 1], S a multiple of hop <-> z [B, latent_channels, S / hop].
 
     hop = prod(strides); latents per second = sample_rate / hop (24000 / 400 = 60 with the defaults).
@@ -198,6 +197,8 @@ class AudioVAE(nn.Module, Configurable):
     downsampling, `dilations` those of the residual units at every level. `sample_rate` is recorded (the rate
     the model was trained at; it changes no computation).
     """
+
+    latent_stats_hint = "vidgen.training.audio_vae_module.store_latent_stats"
 
     def __init__(self, in_channels: int = 1, latent_channels: int = 16, base_channels: int = 16,
                  channel_mult: Sequence[int] = (2, 4, 8, 16), strides: Sequence[int] = (2, 4, 5, 10),
@@ -294,36 +295,7 @@ class AudioVAE(nn.Module, Configurable):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z, clamp=False), posterior
 
-    # ----------------------------------------------------------------- latent statistics (as VideoVAE)
-    @property
-    def has_latent_stats(self) -> bool:
-        """Whether measured latent statistics were set (else normalisation is the identity)."""
-        return bool((self.latent_mean != 0).any() or (self.latent_std != 1).any())
-
-    def set_latent_stats(self, mean: torch.Tensor | Sequence[float], std: torch.Tensor | Sequence[float]) -> None:
-        """Store per-channel latent mean/std [Cz] (from `vidgen.training.audio_vae_module.measure_latent_stats`)."""
-        mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
-        std = torch.as_tensor(std, dtype=torch.float32).flatten()
-        c = self.latent_channels
-        if mean.numel() != c or std.numel() != c:
-            raise ValueError(f"latent stats need {c} values each, got mean {mean.numel()} / std {std.numel()}")
-        if not bool((std > 0).all()) or not bool(torch.isfinite(mean).all()):
-            raise ValueError("latent std must be positive and latent mean finite")
-        self.latent_mean.copy_(mean)
-        self.latent_std.copy_(std)
-
-    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.has_latent_stats:
-            warnings.warn("AudioVAE latent normalisation requested but no latent statistics were measured; using "
-                          "mean 0 / std 1 (vidgen.training.audio_vae_module.store_latent_stats)", stacklevel=3)
-        return self.latent_mean.view(1, -1, 1).to(like), self.latent_std.view(1, -1, 1).to(like)
-
+    # ----------------------------------------------------------------- latent statistics (LatentStatistics)
     def export_extra(self) -> dict[str, Any]:
         """config.json keys of an export: the latent statistics and the latent rate (readable without the weights)."""
-        return {"latent_mean": self.latent_mean.tolist(), "latent_std": self.latent_std.tolist(),
-                "latent_stats_measured": self.has_latent_stats, "hop": self.hop, "latent_rate": self.latent_rate}
-
-    def after_load(self, meta: dict[str, Any]) -> None:
-        """Restore latent statistics from config.json (they are also in the weights file)."""
-        if "latent_mean" in meta and "latent_std" in meta:
-            self.set_latent_stats(meta["latent_mean"], meta["latent_std"])
+        return {**super().export_extra(), "hop": self.hop, "latent_rate": self.latent_rate}

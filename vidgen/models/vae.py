@@ -13,15 +13,14 @@ With the `wan21` config the module tree and state-dict keys equal diffusers' `Au
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from einops import rearrange
 from torch import nn
 
 from vidgen.models.causal_conv import CausalCache, CausalConv3d
-from vidgen.models.base import Configurable, capture_config
+from vidgen.models.base import LatentStatistics, capture_config
 from vidgen.models.tiling import tiled_map
 from vidgen.models.vae_blocks import Decoder3d, Encoder3d
 
@@ -72,7 +71,7 @@ class DiagonalGaussian:
         return kl.flatten(1).mean(dim=1)
 
 
-class VideoVAE(nn.Module, Configurable):
+class VideoVAE(nn.Module, LatentStatistics):
     """Causal video VAE. x [B, in_channels, 1+f*k, H, W] in [-1, 1] <-> z [B, latent_channels, 1+k, H/s, W/s].
 
     f = 2 ** sum(temporal_downsample) (4 by default), s = patch_size * 2 ** (len(channel_mult) - 1) (8).
@@ -82,6 +81,8 @@ class VideoVAE(nn.Module, Configurable):
     p x p pixel patch into channels before the encoder and unfolds it after the decoder (as Wan 2.2's
     VAE does): level 0 then runs at 1/p of the resolution, p^2 times cheaper (1: Wan 2.1's layout).
     """
+
+    latent_stats_hint = "run python -m vidgen.data.latent_stats on the export"
 
     def __init__(self, in_channels: int = 3, latent_channels: int = 16, base_channels: int = 96,
                  channel_mult: Sequence[int] = (1, 2, 4, 4), num_res_blocks: int | Sequence[int] = 2,
@@ -250,38 +251,3 @@ class VideoVAE(nn.Module, Configurable):
         if tile_size % s or overlap % s:
             raise ValueError(f"tile_size ({tile_size}) and tile_overlap ({overlap}) must be multiples of {s} px")
         return overlap
-
-    # ----------------------------------------------------------------- latent statistics
-    @property
-    def has_latent_stats(self) -> bool:
-        """Whether measured latent statistics were set (else normalisation is the identity)."""
-        return bool((self.latent_mean != 0).any() or (self.latent_std != 1).any())
-
-    def set_latent_stats(self, mean: torch.Tensor | Sequence[float], std: torch.Tensor | Sequence[float]) -> None:
-        """Store per-channel latent mean/std [C] (from `measure_latent_stats`)."""
-        mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
-        std = torch.as_tensor(std, dtype=torch.float32).flatten()
-        c = self.latent_channels
-        if mean.numel() != c or std.numel() != c:
-            raise ValueError(f"latent stats need {c} values each, got mean {mean.numel()} / std {std.numel()}")
-        if not bool((std > 0).all()) or not bool(torch.isfinite(mean).all()):
-            raise ValueError("latent std must be positive and latent mean finite")
-        self.latent_mean.copy_(mean)
-        self.latent_std.copy_(std)
-
-    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.has_latent_stats:
-            warnings.warn("VideoVAE latent normalisation requested but no latent statistics were measured; "
-                          "using mean 0 / std 1 (run vidgen.training.export_vae with stats_clips > 0)", stacklevel=3)
-        view = (1, -1, 1, 1, 1)
-        return self.latent_mean.view(view).to(like), self.latent_std.view(view).to(like)
-
-    def export_extra(self) -> dict[str, Any]:
-        """config.json keys of an export: the latent statistics (also in the weights, readable without them)."""
-        return {"latent_mean": self.latent_mean.tolist(), "latent_std": self.latent_std.tolist(),
-                "latent_stats_measured": self.has_latent_stats}
-
-    def after_load(self, meta: dict[str, Any]) -> None:
-        """Restore latent statistics from config.json (they are also in the weights file)."""
-        if "latent_mean" in meta and "latent_std" in meta:
-            self.set_latent_stats(meta["latent_mean"], meta["latent_std"])
