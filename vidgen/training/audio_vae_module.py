@@ -31,6 +31,7 @@ from vidgen.io.pretrained import load_pretrained, read_config, save_pretrained
 from vidgen.models.audio_vae import AudioVAE
 from vidgen.training.losses import adaptive_gan_weight
 from vidgen.training.rng import step_generator
+from vidgen.training.vae_module import AutoencoderOptimisation
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")  # see vae_module.py
@@ -116,7 +117,7 @@ def hinge_g_per_clip(fake: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([-f.flatten(1).mean(1) for f in fake]).mean(0)
 
 
-class AudioVAEModule(pl.LightningModule):
+class AudioVAEModule(AutoencoderOptimisation, pl.LightningModule):
     """Trains `vae` (an `AudioVAE`) on batches {"audio": [B, C, S] in [-1, 1], "audio_valid": [B] bool, ...}.
 
     optimizer / disc_optimizer / scheduler are `functools.partial`s (Hydra `_partial_: true`), completed in
@@ -140,22 +141,6 @@ class AudioVAEModule(pl.LightningModule):
                               if disc_start is not None else None)
         self.skipped_batches = 0
 
-    # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> Any:
-        opts = [self.optimizer_factory(params=self.vae.parameters())]
-        if self.discriminator is not None:
-            make = self.disc_optimizer_factory or self.optimizer_factory
-            opts.append(make(params=self.discriminator.parameters()))
-        if self.scheduler_factory is None:
-            return opts
-        return opts, [{"scheduler": self.scheduler_factory(optimizer=o), "interval": "step"} for o in opts]
-
-    def _step(self, opt: Any, loss: torch.Tensor) -> None:
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        if self.hparams.grad_clip:
-            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-        opt.step()
 
     def prepare_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """batch -> (audio [B, C, S // hop * hop] with invalid clips zeroed, weight [B]: 1 valid, 0 not)."""

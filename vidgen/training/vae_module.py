@@ -37,7 +37,31 @@ def _no_step_count() -> None:
     """Replaces Lightning's step-progress hook on the discriminator optimizer (see module docstring)."""
 
 
-class VAEModule(pl.LightningModule):
+class AutoencoderOptimisation:
+    """The optimisation both VAE tasks share (`VAEModule`, `AudioVAEModule`): the autoencoder's optimizer, the
+    discriminator's when there is one (its own factory or the same), per-step schedulers, and one manual step with
+    optional gradient clipping. Expects `vae`, `discriminator` (or None), `optimizer_factory`,
+    `disc_optimizer_factory`, `scheduler_factory` and `hparams.grad_clip` on the LightningModule it is mixed into.
+    """
+
+    def configure_optimizers(self) -> Any:
+        opts = [self.optimizer_factory(params=self.vae.parameters())]
+        if self.discriminator is not None:
+            make = self.disc_optimizer_factory or self.optimizer_factory
+            opts.append(make(params=self.discriminator.parameters()))
+        if self.scheduler_factory is None:
+            return opts
+        return opts, [{"scheduler": self.scheduler_factory(optimizer=o), "interval": "step"} for o in opts]
+
+    def _step(self, opt: Any, loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.hparams.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+
+
+class VAEModule(AutoencoderOptimisation, pl.LightningModule):
     """Trains `vae` on batches {"video": [B, 3, T, H, W] in [-1, 1], ...}; T = 1 is an image batch.
 
     optimizer / disc_optimizer / scheduler are `functools.partial`s (Hydra `_partial_: true`),
@@ -59,22 +83,6 @@ class VAEModule(pl.LightningModule):
         self.discriminator = (PatchDiscriminator3D(vae.config["in_channels"], disc_channels, disc_layers)
                               if disc_start is not None else None)
 
-    # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> Any:
-        opts = [self.optimizer_factory(params=self.vae.parameters())]
-        if self.discriminator is not None:
-            make = self.disc_optimizer_factory or self.optimizer_factory
-            opts.append(make(params=self.discriminator.parameters()))
-        if self.scheduler_factory is None:
-            return opts
-        return opts, [{"scheduler": self.scheduler_factory(optimizer=o), "interval": "step"} for o in opts]
-
-    def _step(self, opt: Any, loss: torch.Tensor) -> None:
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        if self.hparams.grad_clip:
-            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-        opt.step()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x = batch["video"]
