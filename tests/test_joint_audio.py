@@ -208,8 +208,8 @@ def test_flash_and_click_are_in_sync():
 
 # ---------------------------------------------------------------------------------------------------------- train.py
 FPS, RATE = 10, 16000  # 16 kHz / hop 256 x 4 (the tiny VAE's time stride) / 10 fps = 25 audio latents per latent frame
-TINY_AUDIO_VAE = dict(in_channels=1, latent_channels=4, base_channels=4, channel_mult=[2, 4], strides=[16, 16],
-                      dilations=[1], sample_rate=RATE)
+TINY_AUDIO_VAE = dict(in_channels=1, latent_channels=4, base_channels=8, channel_mult=[1], strides=[4],
+                      dilations=[1], n_fft=128, stft_hop=64, griffin_lim_iters=4, sample_rate=RATE)  # hop 256
 
 
 def _write_clip(path, frames: int = 40, side: int = 64) -> None:

@@ -46,9 +46,10 @@ def audio_per_latent_frame(audio_vae_path: str | None, fps: float, video_time_st
     config = _export_config(audio_vae_path)
     if config is None:
         return int(default)
-    hop = 1
-    for stride in config.get("strides", (2, 4, 5, 10)):
+    hop = int(config.get("stft_hop", 200))  # an export records "hop" itself; a bare config has its parts
+    for stride in config.get("strides", (2,)):
         hop *= int(stride)
+    hop = int(config.get("hop", hop))
     return audio_latents_per_video_latent(int(config.get("sample_rate", 24000)), hop, float(fps),
                                           int(video_time_stride))
 

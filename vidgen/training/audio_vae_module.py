@@ -1,10 +1,12 @@
-"""Lightning module that trains the causal audio VAE by the video VAE's recipe, on the waveform.
+"""Lightning module that trains the causal spectrogram audio VAE by the video VAE's recipe.
 
-Loss = l1_weight * L1 + stft_weight * multi-resolution STFT (spectral convergence + log magnitude, Yamamoto et
-al. 2020, "Parallel WaveGAN", Eq. 3-5) + kl_weight * KL (+ the adaptive hinge GAN of a multi-scale waveform
-discriminator after `disc_start`, MelGAN's, Kumar et al. 2019; weighted as taming's, Esser et al. 2021, Eq. 7).
-As in `VAEModule`: manual optimisation with two optimizers where only the VAE step advances `global_step`,
-gradient clipping here, posterior noise from the per-step generator (exact resume), EMA by the shared callback.
+Loss = l1_weight * L1 on the log-magnitude features + stft_weight * spectral convergence of the linear magnitudes
+(Yamamoto et al. 2020, Eq. 4: the loud bins, where the L1 on logs weighs every bin alike) + kl_weight * KL (+ the
+adaptive hinge GAN of a multi-scale discriminator over the feature frames after `disc_start`, MelGAN's layout,
+Kumar et al. 2019; weighted as taming's, Esser et al. 2021, Eq. 7). The Griffin-Lim vocoder has no weights: the
+loss never passes through it; validation does (its metrics are on the decoded samples). As in `VAEModule`: manual
+optimisation with two optimizers where only the VAE step advances `global_step`, gradient clipping here,
+posterior noise from the per-step generator (exact resume), EMA by the shared callback.
 
 Batches are {"audio": [B, C, S] float in [-1, 1], "audio_valid": [B] bool, ...}: a clip whose `audio_valid` is
 False gets weight 0 in every loss and metric (its input is zeroed first so it cannot bring NaNs). A batch with
@@ -47,29 +49,9 @@ def weighted_mean(per_clip: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (per_clip * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-class MultiResolutionSTFTLoss(nn.Module):
-    """Per clip, mean over FFT sizes of spectral convergence + mean |log |S| - log |S_hat|| (hop = n_fft / 4).
-
-    x, recon [B, C, S] -> [B]. Parallel WaveGAN (Yamamoto et al. 2020) Eq. 3-5; sizes 512 / 1024 / 2048 at 24 kHz.
-    """
-
-    def __init__(self, fft_sizes: Sequence[int] = (512, 1024, 2048)) -> None:
-        super().__init__()
-        self.fft_sizes = [int(n) for n in fft_sizes]
-
-    def forward(self, x: torch.Tensor, recon: torch.Tensor) -> dict[str, torch.Tensor]:
-        """-> {"sc": [B], "log_mag": [B], "stft": [B] (their sum)}, each averaged over resolutions."""
-        sc = log_mag = 0.0
-        for n_fft in self.fft_sizes:
-            mag, mag_hat = stft_magnitude(x, n_fft), stft_magnitude(recon, n_fft)
-            sc = sc + spectral_convergence(mag, mag_hat)
-            log_mag = log_mag + (mag.log() - mag_hat.log()).abs().flatten(1).mean(dim=1)
-        n = len(self.fft_sizes)
-        return {"sc": sc / n, "log_mag": log_mag / n, "stft": (sc + log_mag) / n}
-
-
 class WaveDiscriminator(nn.Module):
-    """MelGAN's waveform discriminator at one scale: x [B, C, S] -> logits [B, 1, S / 4^num_layers].
+    """MelGAN's discriminator at one scale, over a sequence: x [B, C, T] -> logits [B, 1, T / 4^num_layers]
+    (here C = the audio VAE's feature channels, T = spectrogram frames).
 
     Grouped strided convs (kernel 41, stride 4) keep it cheap; LeakyReLU 0.2; no normalisation over the batch.
     """
@@ -90,7 +72,7 @@ class WaveDiscriminator(nn.Module):
 
 
 class MultiScaleDiscriminator(nn.Module):
-    """`num_scales` WaveDiscriminators on x, x average-pooled 2x, 4x, ... (MelGAN): x [B, C, S] -> list of logits."""
+    """`num_scales` WaveDiscriminators on x, x average-pooled 2x, 4x, ... (MelGAN): x [B, C, T] -> list of logits."""
 
     def __init__(self, in_channels: int = 1, channels: int = 16, num_layers: int = 3, num_scales: int = 3) -> None:
         super().__init__()
@@ -127,20 +109,18 @@ class AudioVAEModule(AutoencoderOptimisation, pl.LightningModule):
 
     def __init__(self, vae: AudioVAE, optimizer: partial, disc_optimizer: partial | None = None,
                  scheduler: partial | None = None, l1_weight: float = 1.0, stft_weight: float = 1.0,
-                 fft_sizes: Sequence[int] = (512, 1024, 2048), kl_weight: float = 1e-4, disc_start: int | None = None,
-                 disc_weight: float = 0.5, disc_channels: int = 16, disc_layers: int = 3, disc_scales: int = 3,
-                 grad_clip: float | None = 1.0, sample_posterior: bool = True) -> None:
+                 kl_weight: float = 1e-4, disc_start: int | None = None, disc_weight: float = 0.5,
+                 disc_channels: int = 32, disc_layers: int = 2, disc_scales: int = 2, grad_clip: float | None = 1.0,
+                 sample_posterior: bool = True) -> None:
         super().__init__()
-        fft_sizes = [int(n) for n in fft_sizes]  # plain list: a Hydra ListConfig would be pickled into checkpoints
         self.save_hyperparameters(ignore=["vae", "optimizer", "disc_optimizer", "scheduler"])
         self.automatic_optimization = False
         self.vae = vae
         self.optimizer_factory, self.disc_optimizer_factory, self.scheduler_factory = optimizer, disc_optimizer, scheduler
-        self.stft_loss = MultiResolutionSTFTLoss(fft_sizes)
-        self.discriminator = (MultiScaleDiscriminator(vae.in_channels, disc_channels, disc_layers, disc_scales)
+        features = vae.in_channels * vae.bins
+        self.discriminator = (MultiScaleDiscriminator(features, disc_channels, disc_layers, disc_scales)
                               if disc_start is not None else None)
         self.skipped_batches = 0
-
 
     def prepare_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """batch -> (audio [B, C, S // hop * hop] with invalid clips zeroed, weight [B]: 1 valid, 0 not)."""
@@ -160,16 +140,18 @@ class AudioVAEModule(AutoencoderOptimisation, pl.LightningModule):
                               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The VAE's losses on audio x [B, C, S] with clip weights w [B] -> {"loss", "rec", "recon", terms...}.
 
-        "rec" = l1_weight * L1 + stft_weight * STFT, "loss" = rec + kl_weight * KL; each a mean over valid clips.
+        "recon" = the reconstructed features; "rec" = l1_weight * L1 + stft_weight * SC, "loss" = rec + kl_weight *
+        KL; each a mean over valid clips.
         """
         hp = self.hparams
-        recon, posterior = self.vae(x, sample_posterior=hp.sample_posterior, generator=generator)
-        l1 = weighted_mean((recon - x).abs().flatten(1).mean(1), w)
-        stft = {k: weighted_mean(v, w) for k, v in self.stft_loss(x, recon).items()}
+        recon, target, posterior = self.vae(x, sample_posterior=hp.sample_posterior, generator=generator)
+        l1 = weighted_mean((recon - target).abs().flatten(1).mean(1), w)
+        mag, mag_hat = self.vae.features_to_magnitude(target), self.vae.features_to_magnitude(recon)
+        sc = weighted_mean(spectral_convergence(mag, mag_hat), w)
         kl = weighted_mean(posterior.kl(), w)
-        rec = hp.l1_weight * l1 + hp.stft_weight * stft["stft"]
-        return {"loss": rec + hp.kl_weight * kl, "rec": rec, "recon": recon, "l1": l1, "stft_sc": stft["sc"],
-                "stft_log_mag": stft["log_mag"], "kl": kl}
+        rec = hp.l1_weight * l1 + hp.stft_weight * sc
+        return {"loss": rec + hp.kl_weight * kl, "rec": rec, "recon": recon, "target": target, "l1": l1,
+                "stft_sc": sc, "kl": kl}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         x, w = self.prepare_batch(batch)
@@ -185,7 +167,7 @@ class AudioVAEModule(AutoencoderOptimisation, pl.LightningModule):
         # Posterior noise from a generator seeded by (seed, step, rank): a resumed run repeats it exactly.
         out = self.reconstruction_losses(x, w, step_generator(self.global_step, self.global_rank))
         loss, recon = out["loss"], out["recon"]
-        logs = {f"train/{k}": out[k] for k in ("l1", "stft_sc", "stft_log_mag", "kl")}
+        logs = {f"train/{k}": out[k] for k in ("l1", "stft_sc", "kl")}
         if disc_on:
             self.discriminator.requires_grad_(False)  # generator step: no D gradients
             g_loss = weighted_mean(hinge_g_per_clip(self.discriminator(recon)), w)
@@ -195,7 +177,8 @@ class AudioVAEModule(AutoencoderOptimisation, pl.LightningModule):
         self._step(opts[0], loss)
         if disc_on:
             self.discriminator.requires_grad_(True)
-            d_loss = weighted_mean(hinge_d_per_clip(self.discriminator(x), self.discriminator(recon.detach())), w)
+            real = out["target"]
+            d_loss = weighted_mean(hinge_d_per_clip(self.discriminator(real), self.discriminator(recon.detach())), w)
             opts[1]._on_before_step = opts[1]._on_after_step = _no_step_count  # one global step per batch
             self._step(opts[1], d_loss)
             logs["train/d_loss"] = d_loss
