@@ -3,7 +3,8 @@
 `ckpt` is a DiT checkpoint (file, FSDP or DeepSpeed folder) or an export folder (python -m vidgen.io.checkpoint). Writes per prompt
 `NAME.mp4`, `NAME.png` (contact sheet) and `NAME.json` (the exact settings) under `out_dir`. A joint audio + video
 checkpoint also samples sound: the mp4 gets an AAC track and `NAME.wav` sits beside it, at the frame rate of the
-checkpoint's audio clock (not `fps`); with `video=CLIP` (and no `video_frames`) it generates the clip's sound.
+checkpoint's audio clock (not `fps`); with `video=CLIP` (and no `video_frames`) it generates the clip's sound, with
+`audio=FILE` (a WAV, FLAC or any media file with a soundtrack) the picture for that sound (audio-to-video).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from pathlib import Path
 
 import hydra
 import numpy as np
+import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from vidgen.data.audio import read_audio
 from vidgen.errors import one_line_errors
 import vidgen.config  # noqa: F401  (registers the config resolvers)
 from vidgen.io.prompts import read_prompt_file
@@ -43,6 +46,30 @@ def read_media(cfg: DictConfig) -> tuple:
     image = read_image(cfg.image) if cfg.image is not None else None
     video = read_video(cfg.video)[0] if cfg.video is not None else None
     return image, video
+
+
+def read_sound(cfg: DictConfig, pipe: DiTPipeline, num_frames: int) -> torch.Tensor | None:
+    """`audio=FILE`: its soundtrack at the audio VAE's rate and channels, the first `num_frames` frames' worth at the
+    checkpoint's clock -> float [C, S] in [-1, 1]; None without `audio=`."""
+    if cfg.audio is None:
+        return None
+    if not Path(cfg.audio).is_file():
+        raise SamplingError(f"audio={cfg.audio}: no such file")
+    if not pipe.joint:
+        raise SamplingError(f"audio={cfg.audio}: audio-to-video needs a joint audio + video checkpoint; {cfg.ckpt} "
+                            "has no audio stream")
+    rate, channels = pipe.audio_vae.sample_rate, pipe.audio_vae.in_channels
+    try:
+        wave = read_audio(cfg.audio, rate, channels)
+    except Exception as e:  # av.FFmpegError, ValueError: the file is not decodable sound
+        raise SamplingError(f"audio={cfg.audio}: its sound does not decode ({e})") from None
+    if wave is None:
+        raise SamplingError(f"audio={cfg.audio}: the file has no audio stream")
+    need = round(num_frames * rate / pipe.fps)
+    if wave.pcm.shape[1] < need:
+        raise SamplingError(f"audio={cfg.audio}: {wave.pcm.shape[1] / rate:.2f} s of sound; num_frames={num_frames} "
+                            f"at {pipe.fps:g} fps needs {need / rate:.2f} s (lower num_frames)")
+    return torch.from_numpy(wave.pcm[:, :need].astype(np.float32) / 32767.0)
 
 
 # What sample.py uses when neither the command line nor the checkpoint (e.g. an imported Wan) sets a value.
@@ -143,12 +170,15 @@ def run(cfg: DictConfig) -> list[Path]:
                                 "to extend)")
         if cfg.step_cache is not None:
             raise SamplingError("mode=stream: step_cache= is a window-mode setting (the streaming sampler has none)")
+        if cfg.audio is not None:
+            raise SamplingError("mode=stream: audio= (audio-to-video) is a window-mode setting")
         sampling = sampling_settings(cfg, pipe.defaults)
         del sampling["step_cache"]  # a checkpoint's default applies to window mode only
         return [run_stream(cfg, pipe, video, height, width, sampling)]
     if None in (num_frames, height, width):
         raise SamplingError("num_frames, height and width: not recorded with the checkpoint; set them")
     pipe.latent_size(num_frames, height, width)  # bad sizes stop here, before any model runs
+    sound = read_sound(cfg, pipe, num_frames)
     sampling = sampling_settings(cfg, pipe.defaults)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,12 +190,12 @@ def run(cfg: DictConfig) -> list[Path]:
     for b, batch in enumerate(tqdm(batches, desc="prompts", disable=len(batches) == 1)):
         out = pipe([p["prompt"] for p in batch], num_frames, height, width, seed=[p["seed"] for p in batch],
                    image=image, video=video, video_frames=cfg.video_frames, strength=cfg.strength, progress=True,
-                   **sampling)
+                   audio=sound, **sampling)
         for j, item in enumerate(batch):
             index = b * cfg.batch_size + j
             settings = {"prompt": item["prompt"], "seed": item["seed"], **out.settings, "fps": fps,
                         "ckpt": pipe.info.get("source"), "ema_used": pipe.info.get("ema_used"),
-                        "global_step": pipe.info.get("global_step"), "image": cfg.image, "video": cfg.video,
+                        "global_step": pipe.info.get("global_step"), "image": cfg.image, "video": cfg.video, "audio": cfg.audio,
                         "device": str(pipe.device)}
             stem = free_stem(out_dir, item.get("name") or sample_name(index, item, settings))
             save_sample(out_dir / stem, out.video[j], fps=fps, audio=None if out.audio is None else out.audio[j],

@@ -343,10 +343,26 @@ def run_sample(*overrides: str):
     return out
 
 
+def run_sample_failing(*overrides: str) -> str:
+    """sample.py that must fail: its output (one clear line expected)."""
+    import subprocess
+    import sys
+
+    from runs import ROOT
+
+    out = subprocess.run([sys.executable, "sample.py", *overrides], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0, out.stdout[-2000:]
+    return out.stdout + out.stderr
+
+
 def test_sample_py_writes_video_with_sound_in_sync(joint_run, tmp_path):
     import json
 
-    from vidgen.io.video import stream_durations
+    import numpy as np
+
+    from vidgen.data.audio import read_audio
+    from vidgen.io.video import read_video, stream_durations
 
     _, ckpt = joint_run
     run_sample(f"ckpt={ckpt}", "prompt=a flash and a click", "num_frames=9", "height=32", "width=32", "steps=2",
@@ -364,6 +380,22 @@ def test_sample_py_writes_video_with_sound_in_sync(joint_run, tmp_path):
     assert json.loads(v2a.with_suffix(".json").read_text())["task"] == "video_to_audio"
     d = stream_durations(v2a)
     assert abs(d["video"] - 9 / FPS) < 1e-6 and abs(d["audio"] - d["video"]) <= 1 / FPS, d
+    # audio-to-video: the WAV written beside the first sample given back as audio=: the sound is held (two seeds
+    # give the same soundtrack), the picture is generated (and differs between them).
+    wav = mp4.with_suffix(".wav")
+    outs = []
+    for seed in (1, 2):
+        run_sample(f"ckpt={ckpt}", "prompt=a flash and a click", f"audio={wav}", "num_frames=9", "height=32",
+                   "width=32", "steps=2", f"seed={seed}", f"out_dir={tmp_path / f'a2v{seed}'}")
+        a2v = next((tmp_path / f"a2v{seed}").glob("*.mp4"))
+        assert json.loads(a2v.with_suffix(".json").read_text())["task"] == "audio_to_video"
+        d = stream_durations(a2v)
+        assert abs(d["video"] - 9 / FPS) < 1e-6 and abs(d["audio"] - d["video"]) <= 1 / FPS, d
+        outs.append((read_audio(a2v.with_suffix(".wav"), RATE, 1).pcm, read_video(a2v)[0]))
+    assert np.array_equal(outs[0][0], outs[1][0]) and not np.array_equal(outs[0][1], outs[1][1])
+    err = run_sample_failing(f"ckpt={ckpt}", "prompt=x", f"audio={wav}", "num_frames=33", "height=32", "width=32",
+                             f"out_dir={tmp_path / 'long'}")
+    assert "s of sound; num_frames=33 at 10 fps needs 3.30 s" in err, err
 
 
 def test_module_pads_the_sound_to_the_common_clock_and_refuses_other_lengths(tiny_vae_export, tiny_audio_vae_export):
