@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # Joint audio + video at toy scale on CPU: Big Buck Bunny's clips with their AAC soundtrack.
 #   bigbuckbunny.mp4 -> clip shards that keep the sound (24 kHz mono FLAC beside each clip)
-#   -> a causal waveform audio VAE (experiment=quickstart_audio_vae) -> export
+#   -> a causal spectrogram audio VAE + Griffin-Lim (experiment=quickstart_audio_vae) -> export
 #   -> the demo DiT given an audio stream (experiment=audio_demo, init_from the demo DiT: video weights
 #      kept, the audio stream new), trained on clips + sound with both VAEs in the loop -> export
 #   -> sample.py: a clip with generated sound (mp4 with AAC + WAV), and new sound for a real clip (video-to-audio)
 # Reuses the demo's outputs (runs/demo_dit/export, the quickstart VAE); runs scripts/demo.sh first without them.
-# A stage whose output exists is skipped. Knobs: PY, RUNS, DATA, AUDIO_VAE_STEPS (400), JOINT_STEPS (400), OUT.
+# A stage whose output exists is skipped. Knobs: PY, RUNS, DATA, AUDIO_VAE_STEPS (1500), JOINT_STEPS (800), OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RUNS=${RUNS:-runs}
 DATA=${DATA:-data}
-AUDIO_VAE_STEPS=${AUDIO_VAE_STEPS:-400}
-JOINT_STEPS=${JOINT_STEPS:-400}
+AUDIO_VAE_STEPS=${AUDIO_VAE_STEPS:-1500}
+JOINT_STEPS=${JOINT_STEPS:-800}
 OUT=${OUT:-$RUNS/audio_demo_samples}
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
