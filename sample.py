@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from vidgen.data.audio import read_audio
+from vidgen.data.sampling import frame_step, max_clip_frames, round_half_up
 from vidgen.errors import one_line_errors
 import vidgen.config  # noqa: F401  (registers the config resolvers)
 from vidgen.io.prompts import read_prompt_file
@@ -44,8 +45,15 @@ def read_media(cfg: DictConfig) -> tuple:
         if cfg[key] is not None and not Path(cfg[key]).is_file():
             raise SamplingError(f"{key}={cfg[key]}: no such file")
     image = read_image(cfg.image) if cfg.image is not None else None
-    video = read_video(cfg.video)[0] if cfg.video is not None else None
-    return image, video
+    video, fps = read_video(cfg.video) if cfg.video is not None else (None, None)
+    return image, video, fps
+
+
+def at_clock(video: np.ndarray, src_fps: float, fps: float) -> np.ndarray:
+    """A joint checkpoint's sound runs on its clock (`fps`): the clip's frames at that rate, the nearest source frame
+    per output frame as the training loader takes them (`vidgen.data.sampling`); a slower clip stays as it is."""
+    step = frame_step(src_fps, fps)
+    return video[[round_half_up(i * step) for i in range(max_clip_frames(len(video), step))]]
 
 
 def read_sound(cfg: DictConfig, pipe: DiTPipeline, num_frames: int) -> torch.Tensor | None:
@@ -155,10 +163,14 @@ def run(cfg: DictConfig) -> list[Path]:
     if cfg.mode not in ("window", "stream"):
         raise SamplingError(f"mode={cfg.mode}: expected window or stream")
     prompts = read_prompts(cfg) if cfg.mode == "window" else None
-    image, video = read_media(cfg)
+    image, video, video_fps = read_media(cfg)
     pipe = DiTPipeline.from_pretrained(cfg.ckpt, ema=cfg.ema, device=cfg.device, vae=cfg.vae)
     num_frames, height, width = (cfg[k] if cfg[k] is not None else pipe.defaults.get(k)
                                  for k in ("num_frames", "height", "width"))
+    if pipe.joint and video is not None and video_fps and abs(video_fps - pipe.fps) > 1e-3:
+        video = at_clock(video, video_fps, pipe.fps)
+        print(f"video={cfg.video}: {video_fps:g} fps, taken at the checkpoint's {pipe.fps:g} fps (its sound's clock): "
+              f"{len(video)} frames")
     whole_clip = cfg.strength is not None or (pipe.joint and cfg.video_frames is None)  # remix / video-to-audio
     if whole_clip and cfg.num_frames is None and video is not None:  # the whole clip
         num_frames = 1 + (video.shape[0] - 1) // pipe.vae.temporal_factor * pipe.vae.temporal_factor
@@ -195,7 +207,7 @@ def run(cfg: DictConfig) -> list[Path]:
             index = b * cfg.batch_size + j
             settings = {"prompt": item["prompt"], "seed": item["seed"], **out.settings, "fps": fps,
                         "ckpt": pipe.info.get("source"), "ema_used": pipe.info.get("ema_used"),
-                        "global_step": pipe.info.get("global_step"), "image": cfg.image, "video": cfg.video, "audio": cfg.audio,
+                        "global_step": pipe.info.get("global_step"), "image": cfg.image, "video": cfg.video, "video_fps": video_fps, "audio": cfg.audio,
                         "device": str(pipe.device)}
             stem = free_stem(out_dir, item.get("name") or sample_name(index, item, settings))
             save_sample(out_dir / stem, out.video[j], fps=fps, audio=None if out.audio is None else out.audio[j],

@@ -362,7 +362,7 @@ def test_sample_py_writes_video_with_sound_in_sync(joint_run, tmp_path):
     import numpy as np
 
     from vidgen.data.audio import read_audio
-    from vidgen.io.video import read_video, stream_durations
+    from vidgen.io.video import read_video, stream_durations, write_video
 
     _, ckpt = joint_run
     run_sample(f"ckpt={ckpt}", "prompt=a flash and a click", "num_frames=9", "height=32", "width=32", "steps=2",
@@ -379,6 +379,16 @@ def test_sample_py_writes_video_with_sound_in_sync(joint_run, tmp_path):
     v2a = next((tmp_path / "v2a").glob("*.mp4"))
     assert json.loads(v2a.with_suffix(".json").read_text())["task"] == "video_to_audio"
     d = stream_durations(v2a)
+    assert abs(d["video"] - 9 / FPS) < 1e-6 and abs(d["audio"] - d["video"]) <= 1 / FPS, d
+    # video-to-audio from a clip at another frame rate: taken at the checkpoint's clock, it keeps its real duration
+    # (18 frames at 20 fps = 0.9 s -> 9 frames at 10 fps, not 17 frames slowed to 1.7 s).
+    frames = read_video(mp4)[0]
+    fast = write_video(tmp_path / "fast.mp4", np.repeat(frames, 2, axis=0), fps=2 * FPS)
+    run_sample(f"ckpt={ckpt}", "prompt=a flash and a click", f"video={fast}", "height=32", "width=32", "steps=2",
+               f"out_dir={tmp_path / 'v2a_fast'}")
+    v2a_fast = next((tmp_path / "v2a_fast").glob("*.mp4"))
+    assert json.loads(v2a_fast.with_suffix(".json").read_text())["video_fps"] == 2 * FPS
+    d = stream_durations(v2a_fast)
     assert abs(d["video"] - 9 / FPS) < 1e-6 and abs(d["audio"] - d["video"]) <= 1 / FPS, d
     # audio-to-video: the WAV written beside the first sample given back as audio=: the sound is held (two seeds
     # give the same soundtrack), the picture is generated (and differs between them).

@@ -24,9 +24,13 @@ def frame_step(src_fps: float, target_fps: float | None = None, frame_stride: in
     return float(frame_stride)
 
 
+def round_half_up(x: float) -> int:
+    """Nearest integer, halves up (not Python's banker's rounding): frame offsets stay monotone and reproducible."""
+    return int(math.floor(x + 0.5))
+
+
 def _offset(i: int, step: float) -> int:
-    # Round half up (not Python's banker's rounding) so offsets are monotone and reproducible.
-    return int(math.floor(i * step + 0.5))
+    return round_half_up(i * step)
 
 
 def clip_span(num_frames: int, step: float) -> int:
