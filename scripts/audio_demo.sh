@@ -67,8 +67,16 @@ $PY sample.py ckpt="$RUNS/audio_demo/export" "prompt=\"$RABBIT\"" num_frames=33 
 $PY sample.py ckpt="$RUNS/audio_demo/export" "prompt=\"$RABBIT\"" video="$DATA/audio_demo_input/bigbuckbunny.mp4" \
     num_frames=33 height=48 width=112 steps=25 guidance=2.0 out_dir="$OUT/video_to_audio"
 
+# How the audio VAE gives back the soundtrack (beside the vocoder's ceiling), and every sound as a spectrogram.
+$PY bench/audio_vae_recon.py --export "$RUNS/quickstart_audio_vae/export" --wav-dir "$OUT/audio_vae_recon"
+$PY scripts/plot_audio.py "$OUT/spectrograms.png" "$DATA/audio_demo_input/bigbuckbunny.mp4" \
+    "audio VAE reconstruction=$OUT/audio_vae_recon/audio_vae.wav" \
+    "video-to-audio (the clip's first 2.2 s)=$(ls "$OUT"/video_to_audio/*.wav | head -1)" \
+    "text-to-audio+video=$(ls "$OUT"/text_to_audio_video/*.wav | head -1)"
+
 echo
 echo "audio demo finished in $(( $(date +%s) - start )) s"
 echo "  audio VAE export: $RUNS/quickstart_audio_vae/export"
 echo "  joint DiT export: $RUNS/audio_demo/export"
 echo "  with sound:       $OUT/*/*.mp4 (AAC) + .wav beside each"
+echo "  spectrograms:     $OUT/spectrograms.png (real | audio VAE reconstruction | video-to-audio | text-to-audio+video)"

@@ -1,5 +1,6 @@
 """Spectrograms of sampled sound beside real sound: `python scripts/plot_audio.py OUT.png REAL.mp4 A.wav [B.wav ...]`.
 
+Each input may be given as `LABEL=PATH` to title its panel (else the file's folder names it).
 The first input (any media file with an audio track, or a WAV) is the reference; each WAV is one generated
 soundtrack (sample.py writes one beside every mp4 of a joint audio + video checkpoint). Log-magnitude STFT
 (1024-sample windows, hop 256), the same colour scale for all; the title of each gives its RMS level.
@@ -31,16 +32,24 @@ def load(path: Path, rate: int) -> np.ndarray:
     return pcm[0].astype(np.float32) / 32767.0
 
 
+def labelled(arg: str) -> tuple[str | None, Path]:
+    """`LABEL=PATH` -> (LABEL, PATH); a plain path (or one whose text holds '=' itself) -> (None, PATH)."""
+    label, _, path = arg.partition("=")
+    return (label, Path(path)) if path and not Path(arg).exists() else (None, Path(arg))
+
+
 def spectrogram(x: np.ndarray, n: int = 1024, hop: int = 256) -> np.ndarray:
     frames = [x[i:i + n] * np.hanning(n) for i in range(0, max(1, len(x) - n + 1), hop)]
     return 20 * np.log10(np.abs(np.fft.rfft(np.stack(frames), axis=1)).T + 1e-5)
 
 
 def main() -> None:
-    out, ref, *gens = (Path(a) for a in sys.argv[1:])
-    with wave.open(str(gens[0])) as w:
+    out = Path(sys.argv[1])
+    (ref_label, ref), *gens = (labelled(a) for a in sys.argv[2:])
+    with wave.open(str(gens[0][1])) as w:
         rate = w.getframerate()
-    signals = [("real: " + ref.name, load(ref, rate))] + [(g.parent.name, load(g, rate)) for g in gens]
+    signals = [(ref_label or "real: " + ref.name, load(ref, rate))] + [(label or g.parent.name, load(g, rate))
+                                                                       for label, g in gens]
     fig, axes = plt.subplots(1, len(signals), figsize=(4 * len(signals), 3), squeeze=False)
     for ax, (name, x) in zip(axes[0], signals):
         ax.imshow(spectrogram(x), origin="lower", aspect="auto", vmin=-60, vmax=40, cmap="magma",
