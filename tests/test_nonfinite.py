@@ -24,6 +24,7 @@ class Regression(pl.LightningModule):
 
     def __init__(self, nan_from: int | None = None, sgd: bool = False):
         super().__init__()
+        torch.manual_seed(0)  # the same weights whatever ran before (test order, xdist workers)
         self.net = torch.nn.Sequential(torch.nn.LayerNorm(4), torch.nn.Linear(4, 1))
         self.nan_from, self.sgd = nan_from, sgd
 
