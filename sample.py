@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from vidgen.data.audio import read_audio
-from vidgen.data.sampling import frame_step, max_clip_frames, round_half_up
+from vidgen.data.sampling import frame_offset, frame_step, max_clip_frames
 from vidgen.errors import one_line_errors
 import vidgen.config  # noqa: F401  (registers the config resolvers)
 from vidgen.io.prompts import read_prompt_file
@@ -53,7 +53,7 @@ def at_clock(video: np.ndarray, src_fps: float, fps: float) -> np.ndarray:
     """A joint checkpoint's sound runs on its clock (`fps`): the clip's frames at that rate, the nearest source frame
     per output frame as the training loader takes them (`vidgen.data.sampling`); a slower clip stays as it is."""
     step = frame_step(src_fps, fps)
-    return video[[round_half_up(i * step) for i in range(max_clip_frames(len(video), step))]]
+    return video[[frame_offset(i, step) for i in range(max_clip_frames(len(video), step))]]
 
 
 def read_sound(cfg: DictConfig, pipe: DiTPipeline, num_frames: int) -> torch.Tensor | None:
@@ -207,8 +207,8 @@ def run(cfg: DictConfig) -> list[Path]:
             index = b * cfg.batch_size + j
             settings = {"prompt": item["prompt"], "seed": item["seed"], **out.settings, "fps": fps,
                         "ckpt": pipe.info.get("source"), "ema_used": pipe.info.get("ema_used"),
-                        "global_step": pipe.info.get("global_step"), "image": cfg.image, "video": cfg.video, "video_fps": video_fps, "audio": cfg.audio,
-                        "device": str(pipe.device)}
+                        "global_step": pipe.info.get("global_step"), "image": cfg.image, "video": cfg.video,
+                        "video_fps": video_fps, "audio": cfg.audio, "device": str(pipe.device)}
             stem = free_stem(out_dir, item.get("name") or sample_name(index, item, settings))
             save_sample(out_dir / stem, out.video[j], fps=fps, audio=None if out.audio is None else out.audio[j],
                         audio_rate=out.audio_rate)

@@ -331,7 +331,8 @@ def test_export_carries_the_audio_vae(joint_run, tmp_path):
     assert pipe.audio_vae is not None and pipe.dit.config["audio_channels"] == 4
 
 
-def run_sample(*overrides: str):
+def run_sample(*overrides: str, fails: bool = False):
+    """sample.py with these overrides; it must succeed (or, with `fails`, exit non-zero: then its output)."""
     import subprocess
     import sys
 
@@ -339,21 +340,11 @@ def run_sample(*overrides: str):
 
     out = subprocess.run([sys.executable, "sample.py", *overrides], cwd=ROOT, capture_output=True, text=True,
                          timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    if fails:
+        assert out.returncode != 0, out.stdout[-2000:]
+        return out.stdout + out.stderr
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out
-
-
-def run_sample_failing(*overrides: str) -> str:
-    """sample.py that must fail: its output (one clear line expected)."""
-    import subprocess
-    import sys
-
-    from runs import ROOT
-
-    out = subprocess.run([sys.executable, "sample.py", *overrides], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode != 0, out.stdout[-2000:]
-    return out.stdout + out.stderr
 
 
 def test_sample_py_writes_video_with_sound_in_sync(joint_run, tmp_path):
@@ -403,8 +394,8 @@ def test_sample_py_writes_video_with_sound_in_sync(joint_run, tmp_path):
         assert abs(d["video"] - 9 / FPS) < 1e-6 and abs(d["audio"] - d["video"]) <= 1 / FPS, d
         outs.append((read_audio(a2v.with_suffix(".wav"), RATE, 1).pcm, read_video(a2v)[0]))
     assert np.array_equal(outs[0][0], outs[1][0]) and not np.array_equal(outs[0][1], outs[1][1])
-    err = run_sample_failing(f"ckpt={ckpt}", "prompt=x", f"audio={wav}", "num_frames=33", "height=32", "width=32",
-                             f"out_dir={tmp_path / 'long'}")
+    err = run_sample(f"ckpt={ckpt}", "prompt=x", f"audio={wav}", "num_frames=33", "height=32", "width=32",
+                     f"out_dir={tmp_path / 'long'}", fails=True)
     assert "s of sound; num_frames=33 at 10 fps needs 3.30 s" in err, err
 
 

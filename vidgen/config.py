@@ -12,10 +12,17 @@ from vidgen.models.audio_vae import audio_latents_per_video_latent
 from vidgen.models.vae import compression
 
 
+def _export_meta(path: str | None) -> dict | None:
+    """The config.json of the export folder `path` (constructor config + the model's `export_extra`), None while it
+    does not exist."""
+    config = Path(str(path)) / "config.json"
+    return json.loads(config.read_text()) if path is not None and config.is_file() else None
+
+
 def _export_config(path: str | None) -> dict | None:
     """The recorded constructor config of the export folder `path` (its config.json), None while it does not exist."""
-    config = Path(str(path)) / "config.json"
-    return json.loads(config.read_text())["config"] if path is not None and config.is_file() else None
+    meta = _export_meta(path)
+    return meta["config"] if meta is not None else None
 
 
 def vae_latent_channels(vae_path: str | None, default: int) -> int:
@@ -43,14 +50,11 @@ def audio_latent_channels(audio_vae_path: str | None, default: int = 0) -> int:
 def audio_per_latent_frame(audio_vae_path: str | None, fps: float, video_time_stride: int, default: int = 1) -> int:
     """a: audio latents per video latent frame for the audio VAE export at `audio_vae_path` and video at `fps` with
     time stride s (`audio_latents_per_video_latent`), `default` while there is no export."""
-    config = _export_config(audio_vae_path)
-    if config is None:
+    meta = _export_meta(audio_vae_path)
+    if meta is None:
         return int(default)
-    hop = int(config.get("stft_hop", 200))  # an export records "hop" itself; a bare config has its parts
-    for stride in config.get("strides", (2,)):
-        hop *= int(stride)
-    hop = int(config.get("hop", hop))
-    return audio_latents_per_video_latent(int(config.get("sample_rate", 24000)), hop, float(fps),
+    # The hop the model itself recorded (AudioVAE.export_extra), not a re-derivation of its formula here.
+    return audio_latents_per_video_latent(int(meta["config"].get("sample_rate", 24000)), int(meta["hop"]), float(fps),
                                           int(video_time_stride))
 
 

@@ -24,18 +24,15 @@ def frame_step(src_fps: float, target_fps: float | None = None, frame_stride: in
     return float(frame_stride)
 
 
-def round_half_up(x: float) -> int:
-    """Nearest integer, halves up (not Python's banker's rounding): frame offsets stay monotone and reproducible."""
-    return int(math.floor(x + 0.5))
-
-
-def _offset(i: int, step: float) -> int:
-    return round_half_up(i * step)
+def frame_offset(i: int, step: float) -> int:
+    """Source frame of output frame `i` at this step, from the clip's first: i * step rounded half up (not Python's
+    banker's rounding), so offsets are monotone and reproducible."""
+    return int(math.floor(i * step + 0.5))
 
 
 def clip_span(num_frames: int, step: float) -> int:
     """Source frames covered by a `num_frames`-frame clip with this step (first to last, inclusive)."""
-    return _offset(num_frames - 1, step) + 1
+    return frame_offset(num_frames - 1, step) + 1
 
 
 def max_clip_frames(src_frames: int, step: float) -> int:
@@ -60,7 +57,7 @@ def clip_indices(src_frames: int, num_frames: int, step: float, rng: random.Rand
         raise ValueError(f"a {num_frames}-frame clip at step {step:.3g} needs {span} source frames, have {src_frames}")
     slack = src_frames - span
     start = slack // 2 if rng is None else rng.randint(0, slack)
-    return [start + _offset(i, step) for i in range(num_frames)]
+    return [start + frame_offset(i, step) for i in range(num_frames)]
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> random.Random:

@@ -20,7 +20,7 @@ import logging
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import lightning.pytorch as pl
 import torch
@@ -177,8 +177,8 @@ class AudioVAEModule(AutoencoderOptimisation, pl.LightningModule):
         self._step(opts[0], loss)
         if disc_on:
             self.discriminator.requires_grad_(True)
-            real = out["target"]
-            d_loss = weighted_mean(hinge_d_per_clip(self.discriminator(real), self.discriminator(recon.detach())), w)
+            d_loss = weighted_mean(hinge_d_per_clip(self.discriminator(out["target"]), self.discriminator(recon.detach())),
+                                   w)
             opts[1]._on_before_step = opts[1]._on_after_step = _no_step_count  # one global step per batch
             self._step(opts[1], d_loss)
             logs["train/d_loss"] = d_loss
